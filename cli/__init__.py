@@ -1,0 +1,8 @@
+"""The ``datamanip`` command line (installed as the ``datamanip.cli`` package).
+
+Each subcommand only parses and checks its options, then calls one library function.
+"""
+
+from datamanip.cli.app import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,140 @@
+"""``datamanip weight``: learned weighting and its baselines (SPEC §3)."""
+
+import json
+import statistics
+
+import typer
+from datamanip.cli.app import app, setup_logging, user_errors
+from rich.console import Console
+
+from datamanip.errors import DatamanipError
+
+
+def parse_int_list(text: str | None, flag: str) -> list[int] | None:
+    """``0,1,2`` or ``0-4`` (inclusive) as a list of ints."""
+    if text is None:
+        return None
+    try:
+        if "-" in text and "," not in text:
+            first, last = (int(t) for t in text.split("-"))
+            return list(range(first, last + 1))
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise DatamanipError(f"{flag} takes integers like 0,1,2 or 0-4, not {text!r}") from None
+
+
+@app.command()
+def weight(
+    dataset: str = typer.Option(
+        "sst2", help="sst2, sst5, imdb, trec, or a CSV/JSONL/parquet file or folder."
+    ),
+    data_dir: str = typer.Option(
+        None, help="Local mirror DIR/NAME/SPLIT.parquet (else $DATAMANIP_DATA_DIR, then the hub)."
+    ),
+    text_column: str = typer.Option(None, help="Text column of local data."),
+    label_column: str = typer.Option(None, help="Label column of local data."),
+    imbalance: float = typer.Option(
+        None, help="Imbalanced setup: 1000 majority, round(1000 r) minority."
+    ),
+    minority_label: int = typer.Option(0, help="The minority class for --imbalance."),
+    classes: str = typer.Option(
+        None, help="The two classes A,B for --imbalance on data with more."
+    ),
+    per_class: int = typer.Option(
+        None, help="Low-data setup: this many training examples per class."
+    ),
+    val_per_class: int = typer.Option(
+        None, help="Validation examples per class, from the training split."
+    ),
+    data_seed: int = typer.Option(0, help="Fixes which examples form the subsets."),
+    model: str = typer.Option(
+        "minilm", help="Hub id or local folder; minilm is the packaged all-MiniLM-L6-v2."
+    ),
+    max_length: int = typer.Option(64, help="Longer examples are cut (counted in results.json)."),
+    method: str = typer.Option("weighting", help="weighting, ren, proportion or none."),
+    w_init: float = typer.Option(1.0, help="Initial weight of every example."),
+    w_decay: float = typer.Option(
+        None, help="Divisor on the old weight per update (setup default)."
+    ),
+    norm: str = typer.Option(
+        "linear", help="Weight normalisation in the batch: linear or softmax."
+    ),
+    temperature: float = typer.Option(1.0, help="Softmax temperature for --norm softmax."),
+    epochs: int = typer.Option(None, help="Training epochs (setup default)."),
+    batch_size: int = typer.Option(None, help="Training batch size (setup default)."),
+    lr: float = typer.Option(4e-5, help="Learning rate of AdamW."),
+    weight_decay: float = typer.Option(0.01, help="L2 on weights (none on bias and LayerNorm)."),
+    warmup_epochs: int = typer.Option(None, help="Plain epochs before the manipulation starts."),
+    seed: int = typer.Option(0, help="Training seed."),
+    seeds: str = typer.Option(None, help="Several training seeds, 0,1,2 or 0-4: mean ± std."),
+    mixed_precision: str = typer.Option("no", help="no, bf16 or fp16."),
+    log_every: int = typer.Option(10, help="Steps between lines of metrics.jsonl."),
+    output_dir: str = typer.Option(
+        None, help="Run directory (default runs/DATASET-SETUP-METHOD-TIME)."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace a run already in --output-dir."),
+    quiet: bool = typer.Option(False, help="No progress bar, warnings only."),
+) -> None:
+    """Trains a classifier while learning a weight for every training example."""
+    from datamanip.config import RunConfig
+    from datamanip.experiment import run_weighting
+
+    setup_logging(quiet)
+    console = Console()
+    with user_errors():
+        config = RunConfig(
+            dataset=dataset,
+            data_dir=data_dir,
+            text_column=text_column,
+            label_column=label_column,
+            imbalance=imbalance,
+            minority_label=minority_label,
+            classes=parse_int_list(classes, "--classes"),
+            per_class=per_class,
+            val_per_class=val_per_class,
+            data_seed=data_seed,
+            model=model,
+            max_length=max_length,
+            method=method,
+            w_init=w_init,
+            w_decay=w_decay,
+            norm=norm,
+            temperature=temperature,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            seed=seed,
+            seeds=parse_int_list(seeds, "--seeds"),
+            mixed_precision=mixed_precision,
+            log_every=log_every,
+            output_dir=output_dir,
+            overwrite=overwrite,
+        )
+        progress = None if quiet else _progress_factory
+        outcome = run_weighting(config, progress_factory=progress)
+    show(console, outcome)
+
+
+def _progress_factory(config):
+    from datamanip.cli.progress import RichProgress
+
+    return RichProgress(f"{config.method} seed {config.seed}")
+
+
+def show(console: Console, outcome: dict) -> None:
+    from datamanip.cli.progress import results_table
+
+    if "runs" in outcome:
+        rows = [json.loads(open(f"{d}/results.json").read()) for d in outcome["runs"]]
+        console.print(results_table(rows, f"{outcome['method']} on {outcome['dataset']}"))
+        accs = [100 * a for a in outcome["test_accuracy"]]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        console.print(
+            f"test accuracy {statistics.mean(accs):.2f} ± {std:.2f} over {len(accs)} seeds"
+        )
+        return
+    console.print(results_table([outcome], f"{outcome['method']}: {outcome['output_dir']}"))
+    for note in outcome["notes"]:
+        console.print(f"note: {note}")

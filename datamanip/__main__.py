@@ -1,0 +1,3 @@
+from datamanip.cli import main
+
+main()

@@ -1,0 +1,119 @@
+"""The settings of a weighting run, and the paper's defaults for each setup (SPEC §5).
+
+A setting left as ``None`` is filled by :func:`resolve` from the setup the data options name
+(imbalanced, low-data or full data), so ``datamanip weight --dataset sst2 --imbalance 0.05``
+gets the SST-2 imbalanced settings without naming them. The resolved config is what a run
+directory's ``config.yaml`` holds.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from datamanip.errors import DatamanipError
+
+METHODS = ("weighting", "ren", "proportion", "none")
+
+
+@dataclass
+class RunConfig:
+    # data
+    dataset: str = "sst2"
+    data_dir: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    imbalance: float | None = None
+    minority_label: int = 0
+    classes: list[int] | None = None
+    per_class: int | None = None
+    val_per_class: int | None = None
+    data_seed: int = 0
+    # model
+    model: str = "minilm"
+    max_length: int = 64
+    # manipulation
+    method: str = "weighting"
+    w_init: float = 1.0
+    w_decay: float | None = None
+    norm: str = "linear"
+    temperature: float = 1.0
+    # training
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float = 4e-5
+    weight_decay: float = 0.01
+    warmup_epochs: int | None = None
+    seed: int = 0
+    seeds: list[int] | None = None
+    mixed_precision: str = "no"
+    log_every: int = 10
+    # run directory
+    output_dir: str | None = None
+    overwrite: bool = False
+    setup: str = field(default="", metadata={"resolved": True})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def setup_name(config: RunConfig) -> str:
+    if config.imbalance is not None:
+        return "imbalanced"
+    return "low-data" if config.per_class is not None else "full"
+
+
+def setup_defaults(config: RunConfig) -> dict:
+    """The paper's settings for the setup (SPEC §3, §5), sized for the default MiniLM on a CPU.
+
+    Epochs differ from the paper where noted: SST-2 imbalanced trains 5 epochs, not 10 (weighted
+    training peaks at epoch 2-3 with MiniLM, SPEC §8, and 5 keeps the default run near 10 minutes
+    on 2 CPU cores); the BERT-base recipes keep the paper's 10.
+    """
+    reward = config.method in ("weighting", "ren")
+    setup = setup_name(config)
+    if setup == "imbalanced":
+        # w_decay 5 at 20 and 50 : 1000, 10 at 100 : 1000 (SPEC §3).
+        w_decay = 10.0 if config.imbalance >= 0.1 else 5.0
+        return dict(batch_size=25, epochs=5, val_per_class=10, warmup_epochs=0, w_decay=w_decay)
+    if setup == "low-data":
+        val = 2 if config.dataset == "sst5" else 5
+        # Weighting and Ren train 3 plain warm-up epochs, then 10 (SPEC §5).
+        return dict(
+            batch_size=8,
+            epochs=13 if reward else 10,
+            val_per_class=val,
+            warmup_epochs=3 if reward else 0,
+            w_decay=5.0,
+        )
+    return dict(batch_size=32, epochs=3, val_per_class=10, warmup_epochs=0, w_decay=5.0)
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """Checks ``config`` and fills unset settings from the setup's defaults."""
+    if config.method not in METHODS:
+        raise DatamanipError(
+            f"unknown --method {config.method!r}; choose one of {', '.join(METHODS)}"
+        )
+    if config.imbalance is not None and not 0 < config.imbalance <= 1:
+        raise DatamanipError(
+            f"--imbalance must be in (0, 1], got {config.imbalance}; "
+            "0.05 keeps 50 minority examples beside 1000"
+        )
+    if config.imbalance is not None and config.per_class is not None:
+        raise DatamanipError("--imbalance and --per-class name different setups; pass one of them")
+    if config.norm not in ("linear", "softmax"):
+        raise DatamanipError(f"--norm must be linear or softmax, not {config.norm!r}")
+    if config.mixed_precision not in ("no", "bf16", "fp16"):
+        raise DatamanipError(
+            f"--mixed-precision must be no, bf16 or fp16, not {config.mixed_precision!r}"
+        )
+    filled = {k: v for k, v in setup_defaults(config).items() if getattr(config, k) is None}
+    config = dataclasses.replace(config, setup=setup_name(config), **filled)
+    if config.warmup_epochs >= config.epochs and config.method in ("weighting", "ren"):
+        raise DatamanipError(
+            f"--warmup-epochs {config.warmup_epochs} leaves no epoch of "
+            f"{config.method} in --epochs {config.epochs}; lower it"
+        )
+    for name in ("epochs", "batch_size", "max_length", "val_per_class"):
+        if getattr(config, name) < 1:
+            raise DatamanipError(f"--{name.replace('_', '-')} must be at least 1")
+    return config

@@ -1,0 +1,282 @@
+"""The training loop: lookahead, reward, the φ step and the θ step (SPEC §2).
+
+The loop knows nothing about weights or augmenters. It asks the manipulation for the loss to
+look ahead on (:meth:`Manipulation.lookahead_loss`), computes the reward gradient
+∂L_val(θ')/∂φ with :func:`reward_gradients`, hands it back (:meth:`Manipulation.reward_step`),
+and takes the real optimiser step on :meth:`Manipulation.train_loss`.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from datamanip.lookahead import lookahead
+from datamanip.manipulations.base import Batch, Manipulation, Step, at_least_float32
+
+logger = logging.getLogger(__name__)
+
+
+def trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, _ in named], [p for _, p in named]
+
+
+def validation_gradient(model: nn.Module, params: dict[str, Tensor], val: list[Batch], autocast):
+    """Mean validation cross-entropy at ``params`` and its gradient, model in eval mode.
+
+    The reward is scored without dropout, so that it measures the looked-ahead model, not a
+    random sub-network of it.
+    """
+    leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+    was_training = model.training
+    model.eval()
+    total = sum(len(b.labels) for b in val)
+    loss_sum = 0.0
+    grads = [torch.zeros_like(p) for p in leaves.values()]
+    try:
+        for batch in val:
+            with autocast():
+                logits = functional_call(model, leaves, args=(), kwargs=batch.inputs).logits
+            loss = (
+                nn.functional.cross_entropy(at_least_float32(logits), batch.labels, reduction="sum")
+                / total
+            )
+            parts = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            for g, part in zip(grads, parts):
+                if part is not None:
+                    g += part
+            loss_sum += loss.item()
+    finally:
+        model.train(was_training)
+    return loss_sum, grads
+
+
+def reward_gradients(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: Tensor,
+    phi: list[Tensor],
+    val: list[Batch],
+    autocast=None,
+) -> tuple[list[Tensor], float]:
+    """∂L_val(θ')/∂φ, where θ' is the optimiser's lookahead step on ``loss`` (SPEC §2).
+
+    Batched: one backward with ``create_graph`` gives the batch gradient g(φ) as a function of
+    φ; after the validation gradient ∇L_val(θ') is known, one more backward of the scalar
+    ⟨g(φ), P ∇L_val(θ')⟩ gives the reward gradient of all of φ at once (for weighting: all
+    per-example weight gradients, with no loop over examples). P is the optimiser's
+    preconditioner ∂Δ/∂g (:func:`datamanip.lookahead.lookahead`): exact for SGD, with Adam's
+    second moment held fixed during the step for Adam.
+
+    Args:
+        model: the unwrapped model at θ (train mode; its forward built ``loss``).
+        optimizer: the real optimiser; its state is read, not changed.
+        loss: the manipulated training loss at θ, differentiable in ``phi``.
+        phi: the tensors the reward gradient is wanted for.
+        val: the validation batches.
+
+    Returns:
+        ``(grads, val_loss)``: ∂L_val(θ')/∂φ for each tensor of ``phi``, and L_val(θ').
+    """
+    autocast = autocast or _no_autocast
+    names, params = trainable(model)
+    grads = torch.autograd.grad(
+        loss, params, create_graph=True, allow_unused=True, materialize_grads=True
+    )
+    new_params, precond = lookahead(optimizer, params, [g.detach() for g in grads])
+    val_loss, val_grads = validation_gradient(model, dict(zip(names, new_params)), val, autocast)
+
+    inner = sum(
+        (g * (p * v)).sum() for g, p, v in zip(grads, precond, val_grads) if g.requires_grad
+    )
+    phi_grads = torch.autograd.grad(
+        inner, phi, retain_graph=True, allow_unused=True, materialize_grads=True
+    )
+    return list(phi_grads), val_loss
+
+
+class _no_autocast:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@dataclass
+class TrainConfig:
+    """Training settings the loop needs (the CLI and recipes resolve them; SPEC §5)."""
+
+    epochs: int = 5
+    batch_size: int = 25
+    warmup_epochs: int = 0
+    seed: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_val_accuracy: float
+    best_state: dict
+    history: list[dict] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> Tensor:
+    """The training order of one epoch, fixed by the training seed and the epoch alone."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_examples, generator=generator)
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    manipulation: Manipulation,
+    train_data,
+    val_data,
+    config: TrainConfig,
+    accelerator,
+    metrics=None,
+    progress=None,
+) -> TrainResult:
+    """Trains ``model`` with ``manipulation``; returns the best-validation-accuracy state.
+
+    Args:
+        model, optimizer: as returned by ``accelerator.prepare``.
+        manipulation: the manipulation (see :mod:`datamanip.manipulations.base`).
+        train_data, val_data: encoded splits with ``batch(positions)`` and ``labels``.
+        config: epochs, batch size, warm-up epochs (plain training before the manipulation
+            starts), training seed and log interval.
+        accelerator: the run's ``accelerate.Accelerator``.
+        metrics: callable taking one dict per log line (the run directory's metrics.jsonl).
+        progress: optional front end with ``start``, ``step``, ``epoch_end`` and ``close``.
+    """
+    device = accelerator.device
+    inner_model = accelerator.unwrap_model(model)
+    val_batches = [val_data.batch(p).to(device) for p in _chunks(len(val_data), 64)]
+    steps_per_epoch = -(-len(train_data) // config.batch_size)
+    metrics = metrics or (lambda record: None)
+    if progress:
+        progress.start(config.epochs, steps_per_epoch)
+
+    start = time.perf_counter()
+    best = TrainResult(best_epoch=-1, best_val_accuracy=-1.0, best_state={})
+    best_val_loss = float("inf")
+    global_step = 0
+    for epoch in range(config.epochs):
+        active = manipulation.uses_reward and epoch >= config.warmup_epochs
+        order = epoch_order(len(train_data), config.seed, epoch)
+        epoch_start, seen, loss_sum = time.perf_counter(), 0, 0.0
+        model.train()
+        for step_in_epoch, positions in enumerate(order.split(config.batch_size)):
+            batch = train_data.batch(positions).to(device)
+            step = Step(batch, inner_model)
+            with accelerator.autocast():
+                step.example_losses()
+
+            # φ step: lookahead on the manipulated batch, reward on the validation set.
+            reward_loss = None
+            if active:
+                lookahead_loss, phi = manipulation.lookahead_loss(step)
+                phi_grads, reward_loss = reward_gradients(
+                    inner_model, optimizer, lookahead_loss, phi, val_batches, accelerator.autocast
+                )
+                manipulation.reward_step(step, phi_grads)
+
+            # θ step: the real optimiser step on the batch with the updated φ.
+            loss = (
+                manipulation.train_loss(step)
+                if active or not manipulation.uses_reward
+                else step.example_losses().mean()
+            )
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+
+            global_step += 1
+            seen += len(positions)
+            loss_sum += step.example_losses().detach().sum().item()
+            if progress:
+                progress.step(epoch, step_in_epoch + 1, loss.item())
+            if global_step % config.log_every == 0:
+                record = {
+                    "kind": "step",
+                    "epoch": epoch,
+                    "step": global_step,
+                    "loss": loss_sum / seen,
+                    "examples_per_s": seen / (time.perf_counter() - epoch_start),
+                }
+                if reward_loss is not None:
+                    record["reward_loss"] = reward_loss
+                metrics(record | manipulation.log_values())
+
+        val_acc, val_loss = accuracy_and_loss(inner_model, val_batches)
+        record = {
+            "kind": "epoch",
+            "epoch": epoch,
+            "step": global_step,
+            "loss": loss_sum / seen,
+            "val_accuracy": val_acc,
+            "val_loss": val_loss,
+            "manipulated": active,
+            "examples_per_s": seen / (time.perf_counter() - epoch_start),
+        }
+        metrics(record | manipulation.log_values())
+        best.history.append(record)
+        logger.info("epoch %d: loss %.4f, val accuracy %.4f", epoch, record["loss"], val_acc)
+        if progress:
+            progress.epoch_end(epoch, val_acc)
+        if val_acc > best.best_val_accuracy or (
+            val_acc == best.best_val_accuracy and val_loss < best_val_loss
+        ):
+            best.best_epoch, best.best_val_accuracy, best_val_loss = epoch, val_acc, val_loss
+            best.best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in inner_model.state_dict().items()
+            }
+    if progress:
+        progress.close()
+    best.wall_time_s = time.perf_counter() - start
+    return best
+
+
+def _chunks(n: int, size: int) -> list[Tensor]:
+    return list(torch.arange(n).split(size))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data, device, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted classes and per-example losses over ``data``, in its order (eval mode)."""
+    was_training = model.training
+    model.eval()
+    order = torch.as_tensor(np.argsort(data.lengths(), kind="stable"))  # similar lengths batch well
+    preds = torch.empty(len(data), dtype=torch.long)
+    losses = torch.empty(len(data))
+    for positions in order.split(batch_size):
+        batch = data.batch(positions).to(device)
+        logits = at_least_float32(model(**batch.inputs).logits)
+        preds[positions] = logits.argmax(-1).cpu()
+        losses[positions] = nn.functional.cross_entropy(
+            logits, batch.labels, reduction="none"
+        ).cpu()
+    model.train(was_training)
+    return preds.numpy(), losses.numpy()
+
+
+@torch.no_grad()
+def accuracy_and_loss(model: nn.Module, batches: list[Batch]) -> tuple[float, float]:
+    was_training = model.training
+    model.eval()
+    correct, loss, total = 0, 0.0, 0
+    for batch in batches:
+        logits = at_least_float32(model(**batch.inputs).logits)
+        correct += (logits.argmax(-1) == batch.labels).sum().item()
+        loss += nn.functional.cross_entropy(logits, batch.labels, reduction="sum").item()
+        total += len(batch.labels)
+    model.train(was_training)
+    return correct / total, loss / total

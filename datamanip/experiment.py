@@ -1,0 +1,233 @@
+"""Wires a weighting run together: data, subsets, model, manipulation, engine, run directory."""
+
+import dataclasses
+import logging
+import statistics
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import balanced_accuracy_score, recall_score
+
+from datamanip.config import RunConfig, resolve
+from datamanip.data import Subsets, build_subsets, load_source
+from datamanip.engine import TrainConfig, predict, train
+from datamanip.errors import DatamanipError
+from datamanip.manipulations import WEIGHTING_METHODS
+from datamanip.models import load_text_classifier
+from datamanip.rundir import RunDir
+from datamanip.text import encode
+
+logger = logging.getLogger(__name__)
+
+
+def default_output_dir(config: RunConfig) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    setting = (
+        f"imb{config.imbalance}"
+        if config.imbalance is not None
+        else (f"pc{config.per_class}" if config.per_class is not None else "full")
+    )
+    return str(Path("runs") / f"{Path(config.dataset).stem}-{setting}-{config.method}-{stamp}")
+
+
+def load_subsets(config: RunConfig) -> tuple[Subsets, int]:
+    """The train, validation and test sets of ``config``, and the number of classes."""
+    source = load_source(
+        config.dataset,
+        data_dir=config.data_dir,
+        text_column=config.text_column,
+        label_column=config.label_column,
+    )
+    if source.kind != "text":
+        raise DatamanipError(
+            f"{config.dataset} holds images; weighting on images is not built yet "
+            "(tracked in the vision issue); use a text dataset"
+        )
+    classes = tuple(config.classes) if config.classes else None
+    subsets = build_subsets(
+        source,
+        imbalance=config.imbalance,
+        minority_label=config.minority_label,
+        classes=classes,
+        per_class=config.per_class,
+        val_per_class=config.val_per_class,
+        data_seed=config.data_seed,
+    )
+    for note in subsets.notes:
+        logger.warning(note)
+    return subsets, source.num_labels
+
+
+def run_weighting(config: RunConfig, progress_factory=None) -> dict:
+    """Runs ``datamanip weight``: one training seed, or each of ``config.seeds``.
+
+    Returns the results dict of the run, or for several seeds a summary with every seed's
+    results and the mean ± std of test accuracy.
+    """
+    config = resolve(config)
+    config = dataclasses.replace(config, output_dir=config.output_dir or default_output_dir(config))
+    if not config.seeds:
+        return run_one(config, *load_subsets(config), progress_factory)
+
+    root = RunDir(config.output_dir, overwrite=config.overwrite)
+    subsets, num_labels = load_subsets(
+        config
+    )  # one subset for every seed: only the training seed varies
+    runs = []
+    for seed in config.seeds:
+        seed_config = dataclasses.replace(
+            config, seed=seed, seeds=None, output_dir=str(root.path / f"seed_{seed}")
+        )
+        runs.append(run_one(seed_config, subsets, num_labels, progress_factory))
+        summary = summarise(config, runs)
+        root.write_json("summary.json", summary)  # rewritten after every seed: nothing is lost
+    return summary
+
+
+def summarise(config: RunConfig, runs: list[dict]) -> dict:
+    accs = [r["test_accuracy"] for r in runs]
+    return {
+        "method": config.method,
+        "dataset": config.dataset,
+        "setup": config.setup,
+        "seeds": [r["seed"] for r in runs],
+        "test_accuracy": accs,
+        "test_accuracy_mean": statistics.mean(accs),
+        "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "runs": [r["output_dir"] for r in runs],
+    }
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with L2 0.01 on weights and none on biases and LayerNorm (SPEC §5)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            skip = name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name
+            (no_decay if skip else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def make_manipulation(config: RunConfig, labels: torch.Tensor, num_labels: int):
+    cls = WEIGHTING_METHODS[config.method]
+    if config.method == "weighting":
+        return cls(
+            labels,
+            num_labels,
+            w_init=config.w_init,
+            w_decay=config.w_decay,
+            norm=config.norm,
+            temperature=config.temperature,
+        )
+    return cls(labels, num_labels)
+
+
+def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_factory=None) -> dict:
+    """One training seed: trains, evaluates the best-validation epoch, writes the run directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    started = time.perf_counter()
+    rundir = RunDir(config.output_dir, overwrite=config.overwrite)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    set_seed(config.seed)  # also fixes the fresh classification head
+    model, tokenizer = load_text_classifier(config.model, num_labels)
+
+    train_enc = encode(tokenizer, subsets.train.inputs, subsets.train.labels, config.max_length)
+    val_enc = encode(tokenizer, subsets.val.inputs, subsets.val.labels, config.max_length)
+    test_enc = encode(tokenizer, subsets.test.inputs, subsets.test.labels, config.max_length)
+    truncated = {"train": train_enc.truncated, "val": val_enc.truncated, "test": test_enc.truncated}
+    if any(truncated.values()):
+        logger.warning(
+            "examples longer than --max-length %d were cut: %s", config.max_length, truncated
+        )
+
+    resolved = config.to_dict() | {
+        "num_processes": accelerator.num_processes,
+        "global_batch_size": config.batch_size * accelerator.num_processes,
+        "subsets": subsets.summary,
+    }
+    rundir.write_config(resolved)
+    optimizer = build_optimizer(model, config.lr, config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    manipulation = make_manipulation(config, train_enc.labels, num_labels)
+
+    train_config = TrainConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        warmup_epochs=config.warmup_epochs,
+        seed=config.seed,
+        log_every=config.log_every,
+    )
+    progress = progress_factory(config) if progress_factory else None
+    result = train(
+        model,
+        optimizer,
+        manipulation,
+        train_enc,
+        val_enc,
+        train_config,
+        accelerator,
+        metrics=rundir.log_metrics,
+        progress=progress,
+    )
+
+    # Final weight and loss of every training example, under the model at the end of training.
+    inner = accelerator.unwrap_model(model)
+    _, train_losses = predict(inner, train_enc, accelerator.device)
+    rundir.write_weights(weights_table(subsets, manipulation.example_weights(), train_losses))
+
+    # The reported numbers come from the epoch of best validation accuracy (SPEC §5).
+    inner.load_state_dict(result.best_state)
+    test_preds, _ = predict(inner, test_enc, accelerator.device)
+    rundir.save_model(inner, tokenizer)
+    results = test_metrics(subsets.test.labels, test_preds, num_labels) | {
+        "method": config.method,
+        "seed": config.seed,
+        "val_accuracy": result.best_val_accuracy,
+        "best_epoch": result.best_epoch,
+        "epochs": config.epochs,
+        "test_split": subsets.test_split,
+        "test_size": len(subsets.test),
+        "train_size": len(subsets.train),
+        "val_size": len(subsets.val),
+        "notes": subsets.notes,
+        "truncated": truncated,
+        "num_processes": accelerator.num_processes,
+        "train_wall_time_s": result.wall_time_s,
+        "wall_time_s": time.perf_counter() - started,
+        "output_dir": str(rundir.path),
+    }
+    rundir.write_json("results.json", results)
+    return results
+
+
+def test_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict:
+    present = sorted(set(labels.tolist()))
+    recalls = recall_score(labels, preds, labels=present, average=None, zero_division=0)
+    return {
+        "test_accuracy": float((labels == preds).mean()),
+        "test_balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
+        "per_class_recall": {f"class_{k}": float(r) for k, r in zip(present, recalls)},
+    }
+
+
+def weights_table(subsets: Subsets, weights: np.ndarray, losses: np.ndarray) -> pd.DataFrame:
+    train = subsets.train
+    return pd.DataFrame(
+        {
+            "id": train.ids,
+            "text": train.inputs,
+            "label": train.labels,
+            "weight": weights.astype(np.float64),
+            "loss": losses.astype(np.float64),
+        }
+    )

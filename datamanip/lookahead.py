@@ -1,0 +1,111 @@
+"""The lookahead: the step the real optimiser would take, computed without taking it.
+
+SPEC §2 step 1: θ'(φ) = θ + Δ(φ), where Δ is the step of the run's own optimiser (AdamW with bias
+correction and decoupled weight decay for text models, SGD with momentum for image models) on the
+manipulated batch. :func:`lookahead` reads the optimiser's state and returns θ' together with the
+optimiser's preconditioner P = ∂Δ/∂g, the derivative of the step with respect to the batch
+gradient g. The reward gradient of any manipulation is then ∇L_val(θ')ᵀ P ∂g/∂φ.
+
+For SGD (with or without momentum) Δ is affine in g, so P is exact. For Adam, Δ also depends on g
+through the second moment v; P treats v (and so 1/(√v̂ + ε)) as fixed during the step, as the
+reference code does. ``tests/test_weight_gradients.py`` measures how close this is to the exact
+derivative through v.
+"""
+
+import torch
+from torch import Tensor
+
+from datamanip.errors import DatamanipError
+
+
+def lookahead(
+    optimizer: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor | float]]:
+    """Returns θ' = θ + Δ and the preconditioner P = ∂Δ/∂g, leaving the optimiser untouched.
+
+    Args:
+        optimizer: the run's optimiser; its param groups must hold ``params``.
+        params: the model parameters θ, in any order.
+        grads: the batch gradient for each parameter (detached).
+
+    Returns:
+        ``(new_params, precond)``: detached tensors θ', and per parameter either a tensor or a
+        float P such that a small change dg of the gradient moves θ' by P * dg.
+    """
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    settings = _param_settings(optimizer)
+    new_params, precond = [], []
+    for param, grad in zip(params, grads):
+        group = settings.get(id(param))
+        if group is None:
+            raise DatamanipError(
+                "a model parameter is not in the optimiser; build it from model.parameters()"
+            )
+        state = optimizer.state.get(param, {})
+        if isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)):
+            new, p = _adam(
+                param.detach(),
+                grad,
+                state,
+                group,
+                decoupled=isinstance(optimizer, torch.optim.AdamW),
+            )
+        elif isinstance(optimizer, torch.optim.SGD):
+            new, p = _sgd(param.detach(), grad, state, group)
+        else:
+            raise NotImplementedError(
+                f"lookahead supports SGD, Adam and AdamW, not {type(optimizer).__name__}; "
+                "build the optimiser as torch.optim.SGD, Adam or AdamW"
+            )
+        new_params.append(new)
+        precond.append(p)
+    return new_params, precond
+
+
+def _param_settings(optimizer: torch.optim.Optimizer) -> dict[int, dict]:
+    return {id(p): group for group in optimizer.param_groups for p in group["params"]}
+
+
+def _adam(param: Tensor, grad: Tensor, state: dict, group: dict, decoupled: bool):
+    """One Adam/AdamW step as torch computes it (amsgrad and maximize unsupported)."""
+    if group.get("amsgrad") or group.get("maximize"):
+        raise NotImplementedError("lookahead does not support amsgrad or maximize; turn them off")
+    lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    step = float(state["step"]) + 1 if "step" in state else 1.0
+    exp_avg = state.get("exp_avg", torch.zeros_like(param))
+    exp_avg_sq = state.get("exp_avg_sq", torch.zeros_like(param))
+    if wd and not decoupled:
+        grad = grad + wd * param
+    bias1 = 1 - beta1**step
+    bias2_sqrt = (1 - beta2**step) ** 0.5
+
+    m = exp_avg * beta1 + grad * (1 - beta1)
+    v = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
+    denom = v.sqrt() / bias2_sqrt + eps
+    base = param * (1 - lr * wd) if (wd and decoupled) else param
+    new = base - (lr / bias1) * m / denom
+
+    # Where the gradient is exactly zero (embedding rows the batch never touched) every
+    # per-example gradient is zero too, and 1/denom can be 1/eps = 1e8: zero P there (SPEC §8).
+    precond = torch.where(grad == 0, 0.0, -(lr * (1 - beta1) / bias1) / denom)
+    return new, precond
+
+
+def _sgd(param: Tensor, grad: Tensor, state: dict, group: dict):
+    """One SGD step as torch computes it (momentum, dampening, nesterov, weight decay)."""
+    if group.get("maximize"):
+        raise NotImplementedError("lookahead does not support maximize; turn it off")
+    lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
+    wd, nesterov = group["weight_decay"], group["nesterov"]
+    d_grad = grad + wd * param if wd else grad
+    if not momentum:
+        return param - lr * d_grad, -lr
+
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        new_buf, slope = d_grad, 1.0  # torch's first step copies the gradient into the buffer
+    else:
+        new_buf, slope = buf * momentum + d_grad * (1 - dampening), 1 - dampening
+    if nesterov:
+        return param - lr * (d_grad + momentum * new_buf), -lr * (1 + momentum * slope)
+    return param - lr * new_buf, -lr * slope

