@@ -4,5 +4,6 @@ Each subcommand only parses and checks its options, then calls one library funct
 """
 
 from datamanip.cli.app import app, main
+from datamanip.cli import data, weight  # noqa: E402,F401  (registers the subcommands)
 
 __all__ = ["app", "main"]

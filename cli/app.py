@@ -40,6 +40,4 @@ def setup_logging(quiet: bool) -> None:
 
 
 def main() -> None:
-    from datamanip.cli import data, weight  # noqa: F401  (registers the subcommands)
-
     app()

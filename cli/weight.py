@@ -36,6 +36,7 @@ def weight(
     imbalance: float = typer.Option(
         None, help="Imbalanced setup: 1000 majority, round(1000 r) minority."
     ),
+    majority_size: int = typer.Option(1000, help="Majority-class examples kept by --imbalance."),
     minority_label: int = typer.Option(0, help="The minority class for --imbalance."),
     classes: str = typer.Option(
         None, help="The two classes A,B for --imbalance on data with more."
@@ -88,6 +89,7 @@ def weight(
             text_column=text_column,
             label_column=label_column,
             imbalance=imbalance,
+            majority_size=majority_size,
             minority_label=minority_label,
             classes=parse_int_list(classes, "--classes"),
             per_class=per_class,

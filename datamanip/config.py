@@ -22,6 +22,7 @@ class RunConfig:
     text_column: str | None = None
     label_column: str | None = None
     imbalance: float | None = None
+    majority_size: int = 1000
     minority_label: int = 0
     classes: list[int] | None = None
     per_class: int | None = None

@@ -51,6 +51,7 @@ def load_subsets(config: RunConfig) -> tuple[Subsets, int]:
     subsets = build_subsets(
         source,
         imbalance=config.imbalance,
+        majority_size=config.majority_size,
         minority_label=config.minority_label,
         classes=classes,
         per_class=config.per_class,

@@ -49,4 +49,4 @@ def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> 
     truncated = sum(len(ids) > max_length for ids in full)
     cut = [ids if len(ids) <= max_length else ids[: max_length - 1] + [ids[-1]] for ids in full]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return EncodedSplit(cut, torch.as_tensor(labels, dtype=torch.long), truncated, pad_id)
+    return EncodedSplit(cut, torch.tensor(np.asarray(labels), dtype=torch.long), truncated, pad_id)
