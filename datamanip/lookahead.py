@@ -19,7 +19,10 @@ from datamanip.errors import DatamanipError
 
 
 def lookahead(
-    optimizer: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor]
+    optimizer: torch.optim.Optimizer,
+    params: list[Tensor],
+    grads: list[Tensor],
+    with_precond: bool = True,
 ) -> tuple[list[Tensor], list[Tensor | float]]:
     """Returns θ' = θ + Δ and the preconditioner P = ∂Δ/∂g, leaving the optimiser untouched.
 
@@ -27,14 +30,29 @@ def lookahead(
         optimizer: the run's optimiser; its param groups must hold ``params``.
         params: the model parameters θ, in any order.
         grads: the batch gradient for each parameter (detached).
+        with_precond: also return P (else an empty list, to hold less memory at once).
 
     Returns:
         ``(new_params, precond)``: detached tensors θ', and per parameter either a tensor or a
         float P such that a small change dg of the gradient moves θ' by P * dg.
     """
+    new_params, precond = [], []
+    for new, p in _steps(optimizer, params, grads):
+        new_params.append(new)
+        if with_precond:
+            precond.append(p)
+    return new_params, precond
+
+
+def preconditioner(optimizer, params: list[Tensor], grads: list[Tensor]):
+    """Yields P = ∂Δ/∂g for each parameter in turn (see :func:`lookahead`)."""
+    for _, p in _steps(optimizer, params, grads):
+        yield p
+
+
+def _steps(optimizer, params, grads):
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
     settings = _param_settings(optimizer)
-    new_params, precond = [], []
     for param, grad in zip(params, grads):
         group = settings.get(id(param))
         if group is None:
@@ -57,9 +75,7 @@ def lookahead(
                 f"lookahead supports SGD, Adam and AdamW, not {type(optimizer).__name__}; "
                 "build the optimiser as torch.optim.SGD, Adam or AdamW"
             )
-        new_params.append(new)
-        precond.append(p)
-    return new_params, precond
+        yield new, p
 
 
 def _param_settings(optimizer: torch.optim.Optimizer) -> dict[int, dict]:

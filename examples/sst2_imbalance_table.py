@@ -35,16 +35,29 @@ def run_jobs(args) -> None:
         out = Path(args.root) / f"imb{imbalance}" / method / f"seed_{seed}"
         if (out / "results.json").exists():
             continue
-        config = RunConfig(dataset="sst2", data_dir=args.data_dir, imbalance=imbalance,
-                           method=method, seed=seed, output_dir=str(out), overwrite=True)
+        config = RunConfig(
+            dataset="sst2",
+            data_dir=args.data_dir,
+            imbalance=imbalance,
+            method=method,
+            seed=seed,
+            output_dir=str(out),
+            overwrite=True,
+        )
         result = run_weighting(config)
-        print(f"imbalance {imbalance} {method} seed {seed}: test {result['test_accuracy']:.4f} "
-              f"({result['wall_time_s']:.0f} s)", flush=True)
+        print(
+            f"imbalance {imbalance} {method} seed {seed}: test {result['test_accuracy']:.4f} "
+            f"({result['wall_time_s']:.0f} s)",
+            flush=True,
+        )
 
 
 def table(root: Path) -> str:
-    rows = ["| imbalance | method | test accuracy % (ours, MiniLM) | seeds | paper (BERT-base) | "
-            "wall time per run |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| imbalance | method | test accuracy % (ours, MiniLM) | seeds | paper (BERT-base) | "
+        "wall time per run |",
+        "|---|---|---|---|---|---|",
+    ]
     for imbalance in sorted(PAPER):
         for method in METHODS:
             found = sorted((root / f"imb{imbalance}" / method).glob("seed_*/results.json"))
@@ -53,12 +66,17 @@ def table(root: Path) -> str:
             results = [json.loads(p.read_text()) for p in found]
             accs = [100 * r["test_accuracy"] for r in results]
             std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
-            paper = {"none": PAPER[imbalance][0], "ren": PAPER[imbalance][1],
-                     "weighting": PAPER[imbalance][2]}.get(method, "-")
+            paper = {
+                "none": PAPER[imbalance][0],
+                "ren": PAPER[imbalance][1],
+                "weighting": PAPER[imbalance][2],
+            }.get(method, "-")
             wall = statistics.mean(r["wall_time_s"] for r in results)
             seeds = ",".join(str(r["seed"]) for r in results)
-            rows.append(f"| {imbalance} | {method} | {statistics.mean(accs):.2f} ± {std:.2f} | "
-                        f"{seeds} | {paper} | {wall / 60:.1f} min |")
+            rows.append(
+                f"| {imbalance} | {method} | {statistics.mean(accs):.2f} ± {std:.2f} | "
+                f"{seeds} | {paper} | {wall / 60:.1f} min |"
+            )
     return "\n".join(rows)
 
 

@@ -1,0 +1,1 @@
+"""The shipped recipes (YAML), installed as datamanip.recipes."""

@@ -19,10 +19,31 @@ def tiny_model(tmp_path_factory):
 
 
 def tiny_args(mirror, model, out, *extra):
-    return ["weight", "--dataset", "sst2", "--data-dir", str(mirror), "--model", model,
-            "--imbalance", "0.25", "--majority-size", "40", "--val-per-class", "4",
-            "--epochs", "2", "--batch-size", "10", "--log-every", "2",
-            "--output-dir", str(out), "--quiet", *extra]
+    return [
+        "weight",
+        "--dataset",
+        "sst2",
+        "--data-dir",
+        str(mirror),
+        "--model",
+        model,
+        "--imbalance",
+        "0.25",
+        "--majority-size",
+        "40",
+        "--val-per-class",
+        "4",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "10",
+        "--log-every",
+        "2",
+        "--output-dir",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 def invoke(args):
@@ -41,12 +62,24 @@ def test_weight_end_to_end(tiny_mirror, tiny_model, tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [x for x in lines if x["kind"] == "epoch"]
     assert len(epochs) == 2 and any(x["kind"] == "step" for x in lines)
-    for key in ("loss", "val_accuracy", "examples_per_s", "weight_mean/class_0", "weight_mean/class_1"):
+    for key in (
+        "loss",
+        "val_accuracy",
+        "examples_per_s",
+        "weight_mean/class_0",
+        "weight_mean/class_1",
+    ):
         assert key in epochs[-1]
 
     results = json.loads((out / "results.json").read_text())
-    for key in ("val_accuracy", "test_accuracy", "test_balanced_accuracy", "per_class_recall",
-                "best_epoch", "wall_time_s"):
+    for key in (
+        "val_accuracy",
+        "test_accuracy",
+        "test_balanced_accuracy",
+        "per_class_recall",
+        "best_epoch",
+        "wall_time_s",
+    ):
         assert key in results
     assert results["test_size"] == 24 and results["test_split"] == "test"
 
@@ -82,15 +115,32 @@ def test_seeds_give_mean_and_std(tiny_mirror, tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == [0, 1] and len(summary["test_accuracy"]) == 2
-    assert (out / "seed_0" / "results.json").is_file() and (out / "seed_1" / "results.json").is_file()
+    assert (out / "seed_0" / "results.json").is_file() and (
+        out / "seed_1" / "results.json"
+    ).is_file()
     assert "±" in result.output
 
 
 def test_real_sst2_few_steps(shared_data, tiny_model, tmp_path):
     out = tmp_path / "real"
-    args = ["weight", "--dataset", "sst2", "--data-dir", str(shared_data), "--model", tiny_model,
-            "--imbalance", "0.05", "--majority-size", "200", "--epochs", "1",
-            "--output-dir", str(out), "--quiet"]
+    args = [
+        "weight",
+        "--dataset",
+        "sst2",
+        "--data-dir",
+        str(shared_data),
+        "--model",
+        tiny_model,
+        "--imbalance",
+        "0.05",
+        "--majority-size",
+        "200",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(out),
+        "--quiet",
+    ]
     result = invoke(args)
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
@@ -118,39 +168,89 @@ def csv_dataset(tmp_path, rows, header="text,label"):
 
 
 def test_unknown_dataset(tiny_model, tmp_path):
-    result = runner.invoke(app, ["weight", "--dataset", "sst9", "--model", tiny_model,
-                                 "--output-dir", str(tmp_path / "o")])
+    result = runner.invoke(
+        app,
+        ["weight", "--dataset", "sst9", "--model", tiny_model, "--output-dir", str(tmp_path / "o")],
+    )
     assert_user_error(result, "sst9", "sst2")
 
 
 def test_missing_text_column(tiny_model, tmp_path):
     data = csv_dataset(tmp_path, [f"good film {i},{i % 2}" for i in range(40)])
-    result = runner.invoke(app, ["weight", "--dataset", data, "--text-column", "review",
-                                 "--model", tiny_model, "--output-dir", str(tmp_path / "o")])
+    result = runner.invoke(
+        app,
+        [
+            "weight",
+            "--dataset",
+            data,
+            "--text-column",
+            "review",
+            "--model",
+            tiny_model,
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+    )
     assert_user_error(result, "review", "--text-column")
 
 
 @pytest.mark.parametrize("label,word", [("pos", "integer"), ("7.5", "integer"), ("-3", "range")])
 def test_bad_labels(label, word, tiny_model, tmp_path):
     rows = [f"good film {i},{i % 2}" for i in range(40)] + [f"odd film,{label}"]
-    result = runner.invoke(app, ["weight", "--dataset", csv_dataset(tmp_path, rows),
-                                 "--model", tiny_model, "--output-dir", str(tmp_path / "o")])
+    result = runner.invoke(
+        app,
+        [
+            "weight",
+            "--dataset",
+            csv_dataset(tmp_path, rows),
+            "--model",
+            tiny_model,
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+    )
     assert_user_error(result, word)
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "-0.1"])
 def test_imbalance_out_of_range(value, tiny_mirror, tiny_model, tmp_path):
-    result = runner.invoke(app, ["weight", "--dataset", "sst2", "--data-dir", str(tiny_mirror),
-                                 "--imbalance", value, "--model", tiny_model,
-                                 "--output-dir", str(tmp_path / "o")])
+    result = runner.invoke(
+        app,
+        [
+            "weight",
+            "--dataset",
+            "sst2",
+            "--data-dir",
+            str(tiny_mirror),
+            "--imbalance",
+            value,
+            "--model",
+            tiny_model,
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+    )
     assert_user_error(result, "--imbalance", "(0, 1]")
 
 
 def test_too_few_examples_for_subset(tiny_mirror, tiny_model, tmp_path):
     # 60 sentences per class in the tiny mirror; the default 1000 majority cannot be met.
-    result = runner.invoke(app, ["weight", "--dataset", "sst2", "--data-dir", str(tiny_mirror),
-                                 "--imbalance", "0.05", "--model", tiny_model,
-                                 "--output-dir", str(tmp_path / "o")])
+    result = runner.invoke(
+        app,
+        [
+            "weight",
+            "--dataset",
+            "sst2",
+            "--data-dir",
+            str(tiny_mirror),
+            "--imbalance",
+            "0.05",
+            "--model",
+            tiny_model,
+            "--output-dir",
+            str(tmp_path / "o"),
+        ],
+    )
     assert_user_error(result, "class 1", "1000")
 
 
@@ -169,5 +269,7 @@ def test_output_dir_holds_another_run(tiny_mirror, tiny_model, tmp_path):
 
 
 def test_bad_seeds_flag(tiny_mirror, tiny_model, tmp_path):
-    result = runner.invoke(app, tiny_args(tiny_mirror, tiny_model, tmp_path / "o", "--seeds", "a,b"))
+    result = runner.invoke(
+        app, tiny_args(tiny_mirror, tiny_model, tmp_path / "o", "--seeds", "a,b")
+    )
     assert_user_error(result, "--seeds")

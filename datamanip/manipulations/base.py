@@ -5,7 +5,10 @@ how it shapes the training loss and how it moves its own parameters φ. Per step
 manipulation is active and uses the reward:
 
 1. ``lookahead_loss(step)`` returns the training loss at θ as the manipulation shapes it, and the
-   tensors φ the reward gradient is wanted for (leaves of that loss's graph).
+   tensors φ the reward gradient is wanted for (leaves of that loss's graph). A manipulation
+   whose loss is a weighted sum of the examples' losses, Σ c_i(φ) ℓ_i, may instead define
+   ``lookahead_weights(step)`` returning ``(c, φ)``; the engine then takes a faster path that
+   needs no second-order graph (:func:`datamanip.engine.example_reward_gradients`).
 2. The engine takes the lookahead θ' on that loss, scores it on the validation set and hands back
    ∂L_val(θ')/∂φ to ``reward_step(step, grads)``, which updates φ.
 3. ``train_loss(step)`` returns the loss for the real optimiser step, with the updated φ.
@@ -13,6 +16,7 @@ manipulation is active and uses the reward:
 A manipulation that does not use the reward (``uses_reward = False``) only sees ``train_loss``.
 """
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,17 +51,38 @@ class Step:
 
     batch: Batch
     model: nn.Module
+    twice_differentiable: bool = True
     _losses: Tensor | None = field(default=None, repr=False)
+    rng_state: dict | None = field(default=None, repr=False)
 
     def example_losses(self) -> Tensor:
         """[batch] cross-entropy of each example at θ, computed once per step (graph kept)."""
         if self._losses is None:
-            with twice_differentiable():
+            self.rng_state = capture_rng()  # replayed by forwards that must see the same dropout
+            with twice_differentiable() if self.twice_differentiable else nullcontext():
                 logits = self.model(**self.batch.inputs).logits
             self._losses = nn.functional.cross_entropy(
                 at_least_float32(logits), self.batch.labels, reduction="none"
             )
         return self._losses
+
+
+def capture_rng() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+@contextmanager
+def restore_rng(state: dict):
+    """Runs the block from the random state ``state``, then puts the current state back."""
+    devices = list(range(len(state["cuda"]))) if "cuda" in state else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        yield
 
 
 def at_least_float32(logits: Tensor) -> Tensor:

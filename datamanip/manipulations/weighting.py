@@ -58,10 +58,10 @@ class LearnedWeighting:
             return torch.softmax(w / self.temperature, dim=0)
         return linear_normalise(w)
 
-    def lookahead_loss(self, step: Step) -> tuple[Tensor, list[Tensor]]:
-        losses = step.example_losses()
-        w = self.weights[step.batch.positions].to(losses.device).requires_grad_()
-        return (self.normalised(step.batch.positions, w) * losses).sum(), [w]
+    def lookahead_weights(self, step: Step) -> tuple[Tensor, list[Tensor]]:
+        device = step.example_losses().device
+        w = self.weights[step.batch.positions].to(device).requires_grad_()
+        return self.normalised(step.batch.positions, w), [w]
 
     def reward_step(self, step: Step, grads: list[Tensor]) -> None:
         grad = grads[0].detach().float().cpu()
@@ -108,10 +108,10 @@ class RenWeighting:
         self.weights = torch.zeros(len(labels))  # the weight each example got when last seen
         self._batch_weights: Tensor | None = None
 
-    def lookahead_loss(self, step: Step) -> tuple[Tensor, list[Tensor]]:
+    def lookahead_weights(self, step: Step) -> tuple[Tensor, list[Tensor]]:
         losses = step.example_losses()
         eps = torch.full_like(losses, 1.0 / len(losses)).detach().requires_grad_()
-        return (eps * losses).sum(), [eps]
+        return eps, [eps]
 
     def reward_step(self, step: Step, grads: list[Tensor]) -> None:
         self._batch_weights = linear_normalise(-grads[0].detach().float())

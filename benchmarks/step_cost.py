@@ -1,0 +1,194 @@
+"""Cost of one training step: plain, learned weighting, and a per-example loop.
+
+Measured side by side in one run on the same model and batch (MiniLM shapes, batch 25,
+validation 20, length 48; SPEC §8), variants interleaved so machine noise hits them alike.
+Peak memory is measured per variant in a fresh process: the extra resident memory of one step
+over the memory held before it (model, optimiser state), sampled every millisecond, with large
+allocations returned to the system on free (MALLOC_MMAP_THRESHOLD_) so that the resident size
+follows the live tensors.
+
+    python benchmarks/step_cost.py            # prints a table, then the ratio lines
+    python benchmarks/step_cost.py --steps 12
+
+The last lines are ``weighting_step_ratio=R`` and ``weighting_memory_ratio=M``.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+BATCH, VAL, LENGTH = 25, 20, 48
+
+
+class Setup:
+    """The packaged MiniLM, an AdamW with state, a fixed batch and validation set."""
+
+    def __init__(self, model_name: str = "minilm"):
+        from accelerate import Accelerator
+
+        from datamanip.experiment import build_optimizer
+        from datamanip.manipulations import LearnedWeighting, NoManipulation
+        from datamanip.manipulations.base import Batch
+        from datamanip.models import load_text_classifier
+
+        torch.manual_seed(0)
+        self.model, _ = load_text_classifier(model_name, num_labels=2)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, 4e-5, 0.01)
+        self.accelerator = Accelerator(cpu=True)
+        g = torch.Generator().manual_seed(0)
+
+        def batch(n):
+            ids = torch.randint(1000, 20000, (n, LENGTH), generator=g)
+            mask = torch.ones(n, LENGTH, dtype=torch.long)
+            return Batch(
+                torch.arange(n),
+                torch.randint(0, 2, (n,), generator=g),
+                {"input_ids": ids, "attention_mask": mask},
+            )
+
+        self.batch, self.val = batch(BATCH), [batch(VAL)]
+        labels = self.batch.labels
+        self.plain = NoManipulation(labels, 2)
+        self.weighting = LearnedWeighting(labels, 2)
+
+    def step(self, variant: str) -> None:
+        from datamanip.engine import take_step
+
+        if variant == "loop":
+            return per_example_loop_step(self)
+        manipulation = self.weighting if variant == "weighting" else self.plain
+        take_step(
+            self.model,
+            self.optimizer,
+            manipulation,
+            self.batch,
+            self.val,
+            variant == "weighting",
+            self.accelerator,
+        )
+
+
+def per_example_loop_step(s: Setup) -> None:
+    """The original code's shape: one backward per example for the weight gradients."""
+    from datamanip.engine import trainable, validation_gradient
+    from datamanip.lookahead import lookahead
+    from datamanip.manipulations.base import Step
+
+    names, params = trainable(s.model)
+    step = Step(s.batch, s.model, twice_differentiable=False)
+    losses = step.example_losses()
+    w = torch.full((BATCH,), 1.0 / BATCH)
+    grads = torch.autograd.grad((w * losses).sum(), params, retain_graph=True)
+    new_params, precond = lookahead(s.optimizer, params, list(grads))
+    _, val_grads = validation_gradient(
+        s.model, dict(zip(names, new_params)), s.val, s.accelerator.autocast
+    )
+    directions = [p * v for p, v in zip(precond, val_grads)]
+    weight_grads = torch.zeros(BATCH)
+    for i in range(BATCH):
+        g_i = torch.autograd.grad(
+            losses[i], params, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+        weight_grads[i] = sum((d * g).sum() for d, g in zip(directions, g_i))
+    s.optimizer.zero_grad(set_to_none=True)
+    (w * losses).sum().backward()
+    s.optimizer.step()
+
+
+def time_variants(steps: int, variants: list[str]) -> dict[str, list[float]]:
+    setup = Setup()
+    for v in variants:  # warm-up: optimiser state, allocator, lazy inits
+        setup.step(v)
+    times = {v: [] for v in variants}
+    for _ in range(steps):
+        for v in variants:
+            start = time.perf_counter()
+            setup.step(v)
+            times[v].append(time.perf_counter() - start)
+    return times
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def extra_peak_memory(variant: str) -> int:
+    """In this process: peak resident memory of one step above the memory held before it."""
+    setup = Setup()
+    setup.step(variant)
+    setup.optimizer.zero_grad(set_to_none=True)
+    base, peak, done = rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    setup.step(variant)
+    done.set()
+    sampler.join()
+    return max(peak[0], rss_bytes()) - base
+
+
+def memory_in_fresh_process(variant: str) -> int:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-of", variant],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="seconds and memory per training step")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
+    parser.add_argument("--no-loop", action="store_true", help="skip the slow per-example loop")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_of:
+        print(json.dumps({"extra_bytes": extra_peak_memory(args.memory_of)}))
+        return
+
+    variants = ["plain", "weighting"] + ([] if args.no_loop else ["loop"])
+    times = time_variants(args.steps, variants)
+    memory = {v: memory_in_fresh_process(v) for v in ("plain", "weighting")}
+    plain = statistics.median(times["plain"])
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {BATCH}, "
+        f"validation {VAL}, length {LENGTH}; median of {args.steps} steps"
+    )
+    print(f"{'step':<34}{'s/step':>9}{'× plain':>9}{'extra peak MB':>15}{'× plain':>9}")
+    labels = {
+        "plain": "plain training step",
+        "weighting": "learned weighting (batched)",
+        "loop": "per-example loop (reference shape)",
+    }
+    for v in variants:
+        t = statistics.median(times[v])
+        mem = memory.get(v)
+        mem_text = (
+            f"{mem / 2**20:>15.0f}{mem / memory['plain']:>9.2f}" if mem else f"{'-':>15}{'-':>9}"
+        )
+        print(f"{labels[v]:<34}{t:>9.3f}{t / plain:>9.2f}{mem_text}")
+    if "loop" in times:
+        print(f"loop_step_ratio={statistics.median(times['loop']) / plain:.2f}")
+    print(f"weighting_step_ratio={statistics.median(times['weighting']) / plain:.2f}")
+    print(f"weighting_memory_ratio={memory['weighting'] / memory['plain']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
