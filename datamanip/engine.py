@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from datamanip.lookahead import lookahead, preconditioner
+from datamanip.lookahead import lookahead
 from datamanip.manipulations.base import (
     Batch,
     Manipulation,
@@ -32,31 +32,37 @@ def trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
     return [n for n, _ in named], [p for _, p in named]
 
 
-def validation_gradient(model: nn.Module, params: dict[str, Tensor], val: list[Batch], autocast):
+def validation_gradient(
+    model: nn.Module, params: dict[str, Tensor], val: list[Batch], autocast, chunk: int = 10
+):
     """Mean validation cross-entropy at ``params`` and its gradient, model in eval mode.
 
     The reward is scored without dropout, so that it measures the looked-ahead model, not a
-    random sub-network of it.
+    random sub-network of it. The validation set goes through in chunks of ``chunk`` examples,
+    so that its activations stay small beside the training batch's (the gradient is the same).
     """
     leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
     was_training = model.training
     model.eval()
     total = sum(len(b.labels) for b in val)
-    loss_sum = 0.0
-    grads = [torch.zeros_like(p) for p in leaves.values()]
+    loss_sum, grads = 0.0, None
     try:
         for batch in val:
-            with autocast():
-                logits = functional_call(model, leaves, args=(), kwargs=batch.inputs).logits
-            loss = (
-                nn.functional.cross_entropy(at_least_float32(logits), batch.labels, reduction="sum")
-                / total
-            )
-            parts = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-            for g, part in zip(grads, parts):
-                if part is not None:
-                    g += part
-            loss_sum += loss.item()
+            for rows in torch.arange(len(batch.labels)).split(chunk):
+                inputs = {k: v[rows] for k, v in batch.inputs.items()}
+                with autocast():
+                    logits = functional_call(model, leaves, args=(), kwargs=inputs).logits
+                loss = (
+                    nn.functional.cross_entropy(
+                        at_least_float32(logits), batch.labels[rows], reduction="sum"
+                    )
+                    / total
+                )
+                parts = torch.autograd.grad(
+                    loss, list(leaves.values()), allow_unused=True, materialize_grads=True
+                )
+                grads = list(parts) if grads is None else [g.add_(p) for g, p in zip(grads, parts)]
+                loss_sum += loss.item()
     finally:
         model.train(was_training)
     return loss_sum, grads
@@ -147,12 +153,14 @@ def example_reward_gradients(
         allow_unused=True,
         materialize_grads=True,
     )
-    new_params, _ = lookahead(optimizer, params, grads, with_precond=False)
+    # Hold θ' and P (in the gradients' buffers) through the validation pass; then only u.
+    new_params, precond = lookahead(optimizer, params, grads, precond_into_grads=True)
+    del grads
     val_loss, directions = validation_gradient(model, dict(zip(names, new_params)), val, autocast)
     del new_params
-    for u, precond in zip(directions, preconditioner(optimizer, params, grads)):
-        u.mul_(precond)  # u = P ∇L_val(θ'), in place of the validation gradient
-    del grads
+    for u, p in zip(directions, precond):
+        u.mul_(p)  # u = P ∇L_val(θ'), in place of the validation gradient
+    del precond
 
     d = directional_derivatives(model, step, names, params, directions)
     phi_grads = torch.autograd.grad(
@@ -165,9 +173,9 @@ def difference_scale(params: list[Tensor], directions: list[Tensor]) -> float:
     """ε with ‖εu‖ = r ‖θ‖, r ≈ 0.2 · machine-eps^(1/3): the usual balance of a central
     difference's truncation error (∝ ε²) against rounding (∝ 1/ε); 1e-3 in float32."""
     r = 0.2 * torch.finfo(params[0].dtype).eps ** (1 / 3)
-    theta = torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params))
-    u = torch.sqrt(sum((d.double() ** 2).sum() for d in directions))
-    return float(r * theta / u) if u > 0 else 0.0
+    theta = sum(torch.linalg.vector_norm(p.detach()).item() ** 2 for p in params) ** 0.5
+    u = sum(torch.linalg.vector_norm(d).item() ** 2 for d in directions) ** 0.5
+    return r * theta / u if u > 0 else 0.0
 
 
 @torch.no_grad()

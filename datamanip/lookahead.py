@@ -22,7 +22,7 @@ def lookahead(
     optimizer: torch.optim.Optimizer,
     params: list[Tensor],
     grads: list[Tensor],
-    with_precond: bool = True,
+    precond_into_grads: bool = False,
 ) -> tuple[list[Tensor], list[Tensor | float]]:
     """Returns θ' = θ + Δ and the preconditioner P = ∂Δ/∂g, leaving the optimiser untouched.
 
@@ -30,24 +30,20 @@ def lookahead(
         optimizer: the run's optimiser; its param groups must hold ``params``.
         params: the model parameters θ, in any order.
         grads: the batch gradient for each parameter (detached).
-        with_precond: also return P (else an empty list, to hold less memory at once).
+        precond_into_grads: write each tensor P into its gradient's buffer (the gradients are
+            lost), so that θ', P and g are never all held at once.
 
     Returns:
         ``(new_params, precond)``: detached tensors θ', and per parameter either a tensor or a
         float P such that a small change dg of the gradient moves θ' by P * dg.
     """
     new_params, precond = [], []
-    for new, p in _steps(optimizer, params, grads):
+    for grad, (new, p) in zip(grads, _steps(optimizer, params, grads)):
         new_params.append(new)
-        if with_precond:
-            precond.append(p)
+        if precond_into_grads and torch.is_tensor(p):
+            p = grad.copy_(p)
+        precond.append(p)
     return new_params, precond
-
-
-def preconditioner(optimizer, params: list[Tensor], grads: list[Tensor]):
-    """Yields P = ∂Δ/∂g for each parameter in turn (see :func:`lookahead`)."""
-    for _, p in _steps(optimizer, params, grads):
-        yield p
 
 
 def _steps(optimizer, params, grads):

@@ -273,3 +273,13 @@ def test_bad_seeds_flag(tiny_mirror, tiny_model, tmp_path):
         app, tiny_args(tiny_mirror, tiny_model, tmp_path / "o", "--seeds", "a,b")
     )
     assert_user_error(result, "--seeds")
+
+
+def test_bf16_mixed_precision_runs(tiny_mirror, tiny_model, tmp_path):
+    out = tmp_path / "bf16"
+    result = invoke(
+        tiny_args(tiny_mirror, tiny_model, out, "--mixed-precision", "bf16", "--epochs", "1")
+    )
+    assert result.exit_code == 0, result.output
+    weights = pd.read_parquet(out / "weights.parquet")
+    assert weights["weight"].notna().all() and weights["loss"].notna().all()
