@@ -1,6 +1,7 @@
 """``datamanip data download NAME --to DIR``: a local mirror for machines without internet."""
 
 import typer
+
 from datamanip.cli.app import data_app, user_errors
 
 

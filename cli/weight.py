@@ -4,9 +4,9 @@ import json
 import statistics
 
 import typer
-from datamanip.cli.app import app, setup_logging, user_errors
 from rich.console import Console
 
+from datamanip.cli.app import app, setup_logging, user_errors
 from datamanip.errors import DatamanipError
 
 
