@@ -53,7 +53,9 @@ def weight(
     ),
     max_length: int = typer.Option(64, help="Longer examples are cut (counted in results.json)."),
     method: str = typer.Option("weighting", help="weighting, ren, proportion or none."),
-    w_init: float = typer.Option(1.0, help="Initial weight of every example."),
+    w_init: float = typer.Option(
+        0.01, help="Initial weight of every example (paper: 1; see README)."
+    ),
     w_decay: float = typer.Option(
         None, help="Divisor on the old weight per update (setup default)."
     ),

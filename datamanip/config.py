@@ -33,7 +33,7 @@ class RunConfig:
     max_length: int = 64
     # manipulation
     method: str = "weighting"
-    w_init: float = 1.0
+    w_init: float = 0.01
     w_decay: float | None = None
     norm: str = "linear"
     temperature: float = 1.0
