@@ -84,22 +84,26 @@ def _adam(param: Tensor, grad: Tensor, state: dict, group: dict, decoupled: bool
         raise NotImplementedError("lookahead does not support amsgrad or maximize; turn them off")
     lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     step = float(state["step"]) + 1 if "step" in state else 1.0
-    exp_avg = state.get("exp_avg", torch.zeros_like(param))
-    exp_avg_sq = state.get("exp_avg_sq", torch.zeros_like(param))
+    if "exp_avg" in state:
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    else:  # before the first step
+        exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
     if wd and not decoupled:
         grad = grad + wd * param
     bias1 = 1 - beta1**step
     bias2_sqrt = (1 - beta2**step) ** 0.5
 
-    m = exp_avg * beta1 + grad * (1 - beta1)
-    v = exp_avg_sq * beta2 + grad * grad * (1 - beta2)
-    denom = v.sqrt() / bias2_sqrt + eps
+    # The same operations as torch's single-tensor AdamW, on fresh tensors, fewest temporaries.
+    m = exp_avg.lerp(grad, 1 - beta1)
+    v = torch.addcmul(exp_avg_sq * beta2, grad, grad, value=1 - beta2)
+    denom = v.sqrt_().div_(bias2_sqrt).add_(eps)
     base = param * (1 - lr * wd) if (wd and decoupled) else param
-    new = base - (lr / bias1) * m / denom
+    new = torch.addcdiv(base, m, denom, value=-lr / bias1)
+    del m, v
 
     # Where the gradient is exactly zero (embedding rows the batch never touched) every
     # per-example gradient is zero too, and 1/denom can be 1/eps = 1e8: zero P there (SPEC §8).
-    precond = torch.where(grad == 0, 0.0, -(lr * (1 - beta1) / bias1) / denom)
+    precond = denom.reciprocal_().mul_(-lr * (1 - beta1) / bias1).masked_fill_(grad == 0, 0.0)
     return new, precond
 
 
