@@ -17,10 +17,14 @@ def parse_int_list(text: str | None, flag: str) -> list[int] | None:
     try:
         if "-" in text and "," not in text:
             first, last = (int(t) for t in text.split("-"))
-            return list(range(first, last + 1))
-        return [int(t) for t in text.split(",") if t.strip()]
+            values = list(range(first, last + 1))
+        else:
+            values = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise DatamanipError(f"{flag} takes integers like 0,1,2 or 0-4, not {text!r}") from None
+        values = []
+    if not values:
+        raise DatamanipError(f"{flag} takes integers like 0,1,2 or 0-4, not {text!r}")
+    return values
 
 
 @app.command()

@@ -107,14 +107,34 @@ def resolve(config: RunConfig) -> RunConfig:
         raise DatamanipError(
             f"--mixed-precision must be no, bf16 or fp16, not {config.mixed_precision!r}"
         )
+    if config.mixed_precision == "fp16" and not _cuda():
+        raise DatamanipError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 or no")
+    for name in ("w_init", "w_decay", "temperature", "lr"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise DatamanipError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    seeds = config.seeds if config.seeds is not None else [config.seed]
+    if not seeds or min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        raise DatamanipError(
+            f"seeds must be distinct integers ≥ 0, got {seeds}; e.g. --seeds 0,1,2"
+        )
     filled = {k: v for k, v in setup_defaults(config).items() if getattr(config, k) is None}
     config = dataclasses.replace(config, setup=setup_name(config), **filled)
-    if config.warmup_epochs >= config.epochs and config.method in ("weighting", "ren"):
+    minimum = {"epochs": 1, "batch_size": 1, "val_per_class": 1, "log_every": 1, "max_length": 2}
+    for name, least in minimum.items():
+        if getattr(config, name) < least:
+            raise DatamanipError(f"--{name.replace('_', '-')} must be at least {least}")
+    if config.warmup_epochs < 0 or (
+        config.warmup_epochs >= config.epochs and config.method in ("weighting", "ren")
+    ):
         raise DatamanipError(
             f"--warmup-epochs {config.warmup_epochs} leaves no epoch of "
-            f"{config.method} in --epochs {config.epochs}; lower it"
+            f"{config.method} in --epochs {config.epochs}; use 0 to {config.epochs - 1}"
         )
-    for name in ("epochs", "batch_size", "max_length", "val_per_class"):
-        if getattr(config, name) < 1:
-            raise DatamanipError(f"--{name.replace('_', '-')} must be at least 1")
     return config
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

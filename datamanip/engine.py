@@ -7,6 +7,7 @@ and takes the real optimiser step on :meth:`Manipulation.train_loss`.
 """
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from datamanip.errors import DatamanipError
 from datamanip.lookahead import lookahead
 from datamanip.manipulations.base import (
     Batch,
@@ -278,6 +280,11 @@ def train(
             loss, reward_loss = take_step(
                 inner_model, optimizer, manipulation, batch, val_batches, active, accelerator
             )
+            if not math.isfinite(loss):
+                raise DatamanipError(
+                    f"the training loss became {loss} at epoch {epoch}, step {step_in_epoch + 1}; "
+                    "lower --lr or use --mixed-precision no"
+                )
             global_step += 1
             seen += len(positions)
             loss_sum += loss * len(positions)
@@ -311,8 +318,12 @@ def train(
         logger.info("epoch %d: loss %.4f, val accuracy %.4f", epoch, record["loss"], val_acc)
         if progress:
             progress.epoch_end(epoch, val_acc)
-        if val_acc > best.best_val_accuracy or (
-            val_acc == best.best_val_accuracy and val_loss < best_val_loss
+        # Warm-up epochs of a reward-learning manipulation are plain training: they do not count
+        # as the manipulation's best epoch (as in the reference code).
+        counts = active or not manipulation.uses_reward
+        if counts and (
+            val_acc > best.best_val_accuracy
+            or (val_acc == best.best_val_accuracy and val_loss < best_val_loss)
         ):
             best.best_epoch, best.best_val_accuracy, best_val_loss = epoch, val_acc, val_loss
             best.best_state = {

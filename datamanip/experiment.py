@@ -60,7 +60,29 @@ def load_subsets(config: RunConfig) -> tuple[Subsets, int]:
     )
     for note in subsets.notes:
         logger.warning(note)
+    if config.imbalance is not None and source.num_labels > 2:
+        return two_class(subsets), 2
     return subsets, source.num_labels
+
+
+def two_class(subsets: Subsets) -> Subsets:
+    """Imbalance on data with more classes: the two chosen classes become labels 0 and 1
+    (the smaller label first), so the classifier has a two-way head."""
+    kept = sorted({int(k) for k in subsets.summary["train"]})
+    mapping = {old: new for new, old in enumerate(kept)}
+
+    def relabel(split):
+        labels = np.array([mapping[int(x)] for x in split.labels], dtype=np.int64)
+        return dataclasses.replace(split, labels=labels)
+
+    summary = subsets.summary | {"label_map": {str(k): v for k, v in mapping.items()}}
+    return dataclasses.replace(
+        subsets,
+        train=relabel(subsets.train),
+        val=relabel(subsets.val),
+        test=relabel(subsets.test),
+        summary=summary,
+    )
 
 
 def run_weighting(config: RunConfig, progress_factory=None) -> dict:
@@ -134,10 +156,14 @@ def make_manipulation(config: RunConfig, labels: torch.Tensor, num_labels: int):
 def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_factory=None) -> dict:
     """One training seed: trains, evaluates the best-validation epoch, writes the run directory."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     started = time.perf_counter()
     rundir = RunDir(config.output_dir, overwrite=config.overwrite)
+    # One process may run several configs (seeds, tests); accelerate keeps its state in a
+    # singleton, so drop the previous run's mixed-precision state (the process group stays).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     set_seed(config.seed)  # also fixes the fresh classification head
     model, tokenizer = load_text_classifier(config.model, num_labels)

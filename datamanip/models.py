@@ -52,12 +52,15 @@ def load_text_classifier(name: str, num_labels: int):
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-    except OSError as err:
+        # A saved classifier with another number of classes gets a fresh head of the right size.
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DatamanipError(
-            f"could not load model {name!r} ({first[:160]}); offline, pass a local folder "
-            "(save_pretrained output) or the default --model minilm"
+            f"could not load model {name!r} ({first[:160]}); pass a folder written by "
+            "save_pretrained (config.json, weights, tokenizer), a hub id, or --model minilm"
         ) from err
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -18,7 +18,14 @@ import yaml
 
 from datamanip.errors import DatamanipError
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "weights.parquet", "summary.json")
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "results.json",
+    "weights.parquet",
+    "summary.json",
+    "model",
+)
 
 
 class RunDir:
@@ -26,6 +33,10 @@ class RunDir:
 
     def __init__(self, path: str | Path, overwrite: bool = False):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise DatamanipError(
+                f"output directory {self.path} is a file; choose another --output-dir"
+            )
         held = [name for name in RUN_FILES if (self.path / name).exists()]
         held += [p.name for p in self.path.glob("seed_*") if p.is_dir()]
         if held and not overwrite:
@@ -36,8 +47,13 @@ class RunDir:
         for name in held:
             target = self.path / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
-        shutil.rmtree(self.path / "model", ignore_errors=True)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DatamanipError(
+                f"cannot create output directory {self.path} ({err.strerror}); "
+                "choose a writable --output-dir"
+            ) from None
 
     def write_config(self, config: dict) -> None:
         text = yaml.safe_dump(config, sort_keys=False)

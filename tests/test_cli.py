@@ -283,3 +283,80 @@ def test_bf16_mixed_precision_runs(tiny_mirror, tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     weights = pd.read_parquet(out / "weights.parquet")
     assert weights["weight"].notna().all() and weights["loss"].notna().all()
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--w-decay", "0"], ["--w-decay", "positive"]),
+        (["--norm", "softmax", "--temperature", "0"], ["--temperature"]),
+        (["--w-init", "0"], ["--w-init"]),
+        (["--lr", "-1"], ["--lr"]),
+        (["--seed", "-1"], ["seeds"]),
+        (["--seeds", "0,0"], ["distinct"]),
+        (["--seeds", "3-1"], ["--seeds"]),
+        (["--log-every", "0"], ["--log-every"]),
+        (["--max-length", "1"], ["--max-length"]),
+        (["--epochs", "0"], ["--epochs"]),
+        (["--mixed-precision", "fp16"], ["fp16", "bf16"]),
+    ],
+)
+def test_bad_numbers(flags, words, tiny_mirror, tiny_model, tmp_path):
+    result = runner.invoke(app, tiny_args(tiny_mirror, tiny_model, tmp_path / "o", *flags))
+    assert_user_error(result, *words)
+
+
+def test_model_folder_without_config(tiny_mirror, tmp_path):
+    (tmp_path / "empty_model").mkdir()
+    result = runner.invoke(
+        app, tiny_args(tiny_mirror, str(tmp_path / "empty_model"), tmp_path / "o")
+    )
+    assert_user_error(result, "could not load model")
+
+
+def test_output_dir_is_a_file_or_holds_a_model(tiny_mirror, tiny_model, tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert_user_error(
+        runner.invoke(app, tiny_args(tiny_mirror, tiny_model, tmp_path / "file")), "is a file"
+    )
+    keep = tmp_path / "od" / "model" / "keep.txt"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("mine")
+    assert_user_error(
+        runner.invoke(app, tiny_args(tiny_mirror, tiny_model, tmp_path / "od")), "holds another run"
+    )
+    assert keep.read_text() == "mine"
+
+
+def test_two_named_classes_of_many_get_a_two_way_head(tiny_model, tmp_path):
+    rows = [f"film number {i} of kind {i % 3},{i % 3}" for i in range(150)]
+    data = csv_dataset(tmp_path, rows)
+    out = tmp_path / "three"
+    args = [
+        "weight",
+        "--dataset",
+        data,
+        "--model",
+        tiny_model,
+        "--imbalance",
+        "0.5",
+        "--classes",
+        "1,2",
+        "--minority-label",
+        "2",
+        "--majority-size",
+        "20",
+        "--val-per-class",
+        "3",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(out),
+        "--quiet",
+    ]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["subsets"]["label_map"] == {"1": 0, "2": 1}
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["per_class_recall"]) == {"class_0", "class_1"}

@@ -101,7 +101,8 @@ class RenWeighting:
     the first step (v = 0, so the step divides by Adam's ε), so the expansion is taken around the
     plain step (ε_i = 1/batch) instead: the derivative is the same inner product
     ∇L_val(θ')ᵀ P ∇ℓ_i, with ∇L_val evaluated one plain step later. The weights are linearly
-    normalised; a batch whose weights are all zero gives no update.
+    normalised; a batch whose weights are all zero has zero loss, so its optimiser step
+    carries only momentum and weight decay.
     """
 
     name = "ren"
