@@ -11,7 +11,28 @@ from torch import Tensor
 from datamanip.manipulations.base import Step, linear_normalise, mean_per_class
 
 
-class LearnedWeighting:
+class ExampleWeights:
+    """What the three weighting manipulations share: a weight per training example."""
+
+    def __init__(self, labels: Tensor, num_labels: int, weights: Tensor):
+        self.labels = labels.cpu()
+        self.num_labels = num_labels
+        self.weights = weights
+
+    def log_values(self) -> dict[str, float]:
+        return mean_per_class(self.weights, self.labels, self.num_labels, "weight_mean")
+
+    def example_weights(self) -> np.ndarray:
+        return self.weights.numpy().copy()
+
+    def state_dict(self) -> dict:
+        return {"weights": self.weights.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights = state["weights"].clone()
+
+
+class LearnedWeighting(ExampleWeights):
     """One weight per training example, learned from the reward over the whole run (Hu et al. 2019).
 
     The batch loss is Σ ŵ_i ℓ_i with ŵ the normalised weights of the batch. The weight gradient
@@ -49,9 +70,7 @@ class LearnedWeighting:
     ):
         if norm not in ("linear", "softmax"):
             raise ValueError(f"norm must be 'linear' or 'softmax', not {norm!r}")
-        self.labels = labels.cpu()
-        self.num_labels = num_labels
-        self.weights = torch.full((len(labels),), float(w_init))
+        super().__init__(labels, num_labels, torch.full((len(labels),), float(w_init)))
         self.w_decay, self.norm, self.temperature = w_decay, norm, temperature
         self._last_grad = 0.0
 
@@ -80,21 +99,12 @@ class LearnedWeighting:
         return (self.normalised(step.batch.positions).to(losses.device) * losses).sum()
 
     def log_values(self) -> dict[str, float]:
-        values = mean_per_class(self.weights, self.labels, self.num_labels, "weight_mean")
+        values = super().log_values()
         values["weight_grad_abs"] = self._last_grad
         return values
 
-    def example_weights(self) -> np.ndarray:
-        return self.weights.numpy().copy()
 
-    def state_dict(self) -> dict:
-        return {"weights": self.weights.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.weights = state["weights"].clone()
-
-
-class RenWeighting:
+class RenWeighting(ExampleWeights):
     """Ren et al. 2018: weights re-derived from zero at each step, ŵ ∝ max(−∂L_val/∂ε_i, 0).
 
     Ren et al. expand the lookahead around ε = 0. Under Adam that point has no preconditioner at
@@ -109,9 +119,8 @@ class RenWeighting:
     uses_reward = True
 
     def __init__(self, labels: Tensor, num_labels: int):
-        self.labels = labels.cpu()
-        self.num_labels = num_labels
-        self.weights = torch.zeros(len(labels))  # the weight each example got when last seen
+        # The weight each example got when it was last seen.
+        super().__init__(labels, num_labels, torch.zeros(len(labels)))
         self._batch_weights: Tensor | None = None
 
     def lookahead_weights(self, step: Step) -> tuple[Tensor, list[Tensor]]:
@@ -129,47 +138,21 @@ class RenWeighting:
             return losses.mean()
         return (self._batch_weights.to(losses.device) * losses).sum()
 
-    def log_values(self) -> dict[str, float]:
-        return mean_per_class(self.weights, self.labels, self.num_labels, "weight_mean")
 
-    def example_weights(self) -> np.ndarray:
-        return self.weights.numpy().copy()
-
-    def state_dict(self) -> dict:
-        return {"weights": self.weights.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.weights = state["weights"].clone()
-
-
-class ProportionWeighting:
+class ProportionWeighting(ExampleWeights):
     """Inverse class frequency: every example of class k weighs 1 / n_k, normalised in the batch."""
 
     name = "proportion"
     uses_reward = False
 
     def __init__(self, labels: Tensor, num_labels: int):
-        self.labels = labels.cpu()
-        self.num_labels = num_labels
-        counts = torch.bincount(self.labels, minlength=num_labels).float()
-        self.weights = (1.0 / counts.clamp(min=1))[self.labels]
+        counts = torch.bincount(labels.cpu(), minlength=num_labels).float()
+        super().__init__(labels, num_labels, (1.0 / counts.clamp(min=1))[labels.cpu()])
 
     def train_loss(self, step: Step) -> Tensor:
         losses = step.example_losses()
         w_hat = linear_normalise(self.weights[step.batch.positions])
         return (w_hat.to(losses.device) * losses).sum()
-
-    def log_values(self) -> dict[str, float]:
-        return mean_per_class(self.weights, self.labels, self.num_labels, "weight_mean")
-
-    def example_weights(self) -> np.ndarray:
-        return self.weights.numpy().copy()
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 class NoManipulation:
