@@ -162,6 +162,19 @@ def test_out_of_range_label_in_named_dataset(tmp_path, tiny_sst2_frames):
     assert_fix_message(excinfo, "labels out of range", "train.parquet", "id 7", "0..1")
 
 
+def test_duplicate_idx_in_a_split_is_rejected(tmp_path, tiny_sst2_frames):
+    tiny_sst2_frames["train"].loc[9, "idx"] = 4  # the same id twice in the train split
+    write_mirror(tiny_sst2_frames, tmp_path, "sst2")
+    with pytest.raises(DatamanipError) as excinfo:
+        load_source("sst2", data_dir=tmp_path)
+    assert_fix_message(excinfo, "id 4", "train split", "train.parquet", "unique within a split")
+
+
+def test_ids_may_repeat_across_splits(tiny_sst2):
+    # The tiny mirror numbers every split from 0, as the hub does.
+    assert set(tiny_sst2.splits["train"].ids) & set(tiny_sst2.splits["test"].ids)
+
+
 # --- local data ----------------------------------------------------------------------------------
 
 
@@ -264,6 +277,110 @@ def test_negative_local_label_is_out_of_range(tmp_path):
     assert_fix_message(excinfo, "labels out of range", "id 4", "-3")
 
 
+@pytest.mark.parametrize("bad_label", [-2, -1])
+def test_negative_label_beside_labelled_rows_is_out_of_range(tmp_path, bad_label):
+    # Only 0 and one negative label: the negative one is the problem, not "one class".
+    frame = pd.DataFrame({"text": [f"example {i}" for i in range(6)], "label": [0] * 6})
+    frame.loc[2, "label"] = bad_label
+    path = tmp_path / "reviews.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(DatamanipError) as excinfo:
+        load_source(path)
+    message = assert_fix_message(
+        excinfo, "labels out of range", str(path), "id 2", f"label {bad_label}", "every row"
+    )
+    assert "only" not in message
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_one_class_is_rejected(tmp_path, label):
+    path = tmp_path / "reviews.csv"
+    pd.DataFrame({"text": [f"example {i}" for i in range(30)], "label": label}).to_csv(
+        path, index=False
+    )
+    with pytest.raises(DatamanipError) as excinfo:
+        load_source(path)
+    message = assert_fix_message(
+        excinfo, str(path), "only one class", f"(label {label})", "at least two", "--label-column"
+    )
+    assert "--per-class" not in message
+
+
+def test_header_only_csv_has_no_rows(tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\n")
+    with pytest.raises(DatamanipError) as excinfo:
+        load_source(path)
+    message = assert_fix_message(excinfo, str(path), "has no rows", "add examples")
+    assert "NoneType" not in message
+
+
+def test_empty_split_file_in_a_folder(tmp_path):
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    local_frame().to_csv(folder / "train.csv", index=False)
+    (folder / "test.csv").write_text("text,label\n")
+    with pytest.raises(DatamanipError) as excinfo:
+        load_source(folder)
+    assert_fix_message(excinfo, str(folder / "test.csv"), "has no rows", "test split", "remove it")
+
+
+def test_text_column_empty_on_every_row(tmp_path):
+    path = tmp_path / "reviews.csv"
+    local_frame().assign(text="").to_csv(path, index=False)
+    with pytest.raises(DatamanipError) as excinfo:
+        load_source(path)
+    message = assert_fix_message(
+        excinfo, str(path), "'text'", "empty on every row", "--text-column"
+    )
+    assert "NoneType" not in message
+
+
+@pytest.mark.parametrize("split", ["test", "validation"])
+def test_evaluation_split_with_a_class_train_lacks(tmp_path, split):
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    local_frame().to_csv(folder / "train.csv", index=False)  # labels 0 and 1
+    local_frame(per_class=3, num_labels=3).to_csv(folder / f"{split}.csv", index=False)
+    with pytest.raises(DatamanipError) as excinfo:
+        load_source(folder)
+    message = assert_fix_message(
+        excinfo,
+        f"the {split} split",
+        str(folder / f"{split}.csv"),
+        "label 2 (id 2)",
+        "train split",
+        "lacks",
+        "fix the labels",
+    )
+    assert "--per-class" not in message
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+@pytest.mark.parametrize(
+    ("labels", "quoted"), [([0.0, 0.5, 1.0], "has 0.5"), ([True, False, True], "has True")]
+)
+def test_bad_labels_are_quoted_as_plain_values(tmp_path, suffix, labels, quoted):
+    frame = pd.DataFrame({"text": ["a", "b", "c"], "label": labels})
+    path = tmp_path / f"reviews{suffix}"
+    if suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        frame.to_json(path, orient="records", lines=True)
+    with pytest.raises(DatamanipError) as excinfo:
+        load_source(path)
+    message = assert_fix_message(excinfo, str(path), quoted, "integers 0..K-1")
+    assert "np." not in message
+
+
+def test_duplicate_idx_in_a_local_file(tmp_path):
+    path = tmp_path / "reviews.csv"
+    local_frame().assign(idx=[100 + i % 30 for i in range(40)]).to_csv(path, index=False)
+    with pytest.raises(DatamanipError) as excinfo:
+        load_source(path)
+    assert_fix_message(excinfo, str(path), "id 100", "train split", "unique", "'idx'")
+
+
 def test_json_array_is_not_json_lines(tmp_path):
     path = tmp_path / "reviews.json"
     local_frame().to_json(path, orient="records")
@@ -358,6 +475,17 @@ def test_too_few_examples(tiny_sst2):
     assert_fix_message(
         excinfo, "class 0 has 60 examples", "55 training + 10 validation", "lower", "--per-class"
     )
+
+
+def test_class_missing_from_train_asks_to_fix_labels(tmp_path):
+    path = tmp_path / "gappy.csv"
+    local_frame().replace({"label": {1: 2}}).to_csv(path, index=False)  # labels 0 and 2
+    with pytest.raises(DatamanipError) as excinfo:
+        build_subsets(load_source(path), per_class=5)
+    message = assert_fix_message(
+        excinfo, "class 1 has no examples", "classes 0, 2 of 0..2", "without gaps", "--classes"
+    )
+    assert "lower" not in message
 
 
 def test_imbalance_on_many_classes_needs_classes(tmp_path):

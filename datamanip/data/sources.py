@@ -184,8 +184,10 @@ def load_source(
         The loaded data set, with labels checked to be integers in range.
 
     Raises:
-        DatamanipError: When the data cannot be found or read, a column is missing, or labels
-            are not integers in ``0..num_labels-1``.
+        DatamanipError: When the data cannot be found or read, a split is empty, a column is
+            missing, ids repeat within a split, labels are not integers in
+            ``0..num_labels-1``, the train split holds one class only, or another split holds a
+            class that the train split lacks.
 
     Example::
 
@@ -363,26 +365,37 @@ def _assemble(
     name, frames, places, *, text_columns, label_column, kind, num_labels, label_names, origin
 ) -> Source:
     """Turns raw frames into checked splits and works out which are labelled."""
+    for split, frame in frames.items():
+        _check_has_rows(frame, split, places[split])
     if kind is None:
         kind = _infer_kind(frames["train"], places["train"], text_columns)
     splits = {
         split: _to_split(frame, places[split], text_columns, label_column, kind)
         for split, frame in frames.items()
     }
+    for split, rows in splits.items():
+        _check_unique_ids(rows.ids, split, places[split])
 
-    unlabelled = {split for split, rows in splits.items() if np.all(rows.labels == NO_LABEL)}
+    unlabelled = _unlabelled_splits(name, origin, splits)
     labelled = [split for split in splits if split not in unlabelled]
-    if not labelled:
+    for split in labelled:
+        _check_label_range(splits[split].labels, splits[split].ids, num_labels, places[split])
+    if num_labels is None:
+        num_labels = int(max(splits[split].labels.max() for split in labelled)) + 1
+    _check_classes(name, {split: splits[split] for split in labelled}, places)
+
+    return Source(name, kind, splits, num_labels, label_names, origin, unlabelled)
+
+
+def _unlabelled_splits(name: str, origin: str, splits: dict[str, Split]) -> set[str]:
+    """The splits with label -1 on every row; an error when that is all of them."""
+    unlabelled = {split for split, rows in splits.items() if np.all(rows.labels == NO_LABEL)}
+    if len(unlabelled) == len(splits):
         raise DatamanipError(
             f"every split of {name} ({origin}) has label -1 only, so nothing can be trained "
             f"on; point --label-column at the column that holds the labels"
         )
-    if num_labels is None:
-        num_labels = int(max(splits[split].labels.max() for split in labelled)) + 1
-    for split in labelled:
-        _check_label_range(splits[split].labels, splits[split].ids, num_labels, places[split])
-
-    return Source(name, kind, splits, num_labels, label_names, origin, unlabelled)
+    return unlabelled
 
 
 def _pick_column(frame: pd.DataFrame, place: str, wanted: tuple[str, ...], flag: str) -> str:
@@ -402,7 +415,12 @@ def _infer_kind(frame: pd.DataFrame, place: str, text_columns: tuple[str, ...]) 
     """``"text"`` for a column of strings, ``"image"`` for stored images (bytes or dicts)."""
     column = _pick_column(frame, place, text_columns, "--text-column")
     present = frame[column].dropna()
-    first = present.iloc[0] if len(present) else None
+    if len(present) == 0:
+        raise DatamanipError(
+            f"column '{column}' of {place} is empty on every row; fill in the inputs, or pass "
+            f"--text-column NAME naming the column that holds them"
+        )
+    first = present.iloc[0]
     if isinstance(first, str):
         return "text"
     if isinstance(first, (bytes, dict)):
@@ -415,8 +433,6 @@ def _infer_kind(frame: pd.DataFrame, place: str, text_columns: tuple[str, ...]) 
 
 def _to_split(frame, place, text_columns, label_column, kind) -> Split:
     """Checks one frame's inputs and labels and packs them as a :class:`Split`."""
-    if len(frame) == 0:
-        raise DatamanipError(f"{place} has no rows; remove the file or fill it in")
     input_column = _pick_column(frame, place, text_columns, "--text-column")
     label_column = _pick_column(frame, place, (label_column,), "--label-column")
 
@@ -428,6 +444,25 @@ def _to_split(frame, place, text_columns, label_column, kind) -> Split:
     _check_inputs(inputs, ids, kind, input_column, place)
     labels = _integer_labels(frame[label_column], ids, label_column, place)
     return Split(ids, inputs, labels)
+
+
+def _check_has_rows(frame: pd.DataFrame, split: str, place: str) -> None:
+    """Rejects a split without rows (a header-only CSV, an empty JSON-lines file)."""
+    if len(frame) == 0:
+        fix = "add examples to it" if split == "train" else "add examples to it or remove it"
+        raise DatamanipError(f"{place} has no rows (the {split} split is empty); {fix}")
+
+
+def _check_unique_ids(ids: np.ndarray, split: str, place: str) -> None:
+    """Rejects an ``idx`` column that gives two rows of one split the same id."""
+    repeated = pd.Series(ids).duplicated().to_numpy()
+    if repeated.any():
+        row_id = ids[int(np.argmax(repeated))]
+        raise DatamanipError(
+            f"id {row_id} appears on more than one row of the {split} split ({place}), but ids "
+            f"(the 'idx' column) must be unique within a split; remove the duplicate rows, "
+            f"renumber 'idx', or drop the column so that rows are numbered in order"
+        )
 
 
 def _check_inputs(inputs: list, ids: np.ndarray, kind: str, column: str, place: str) -> None:
@@ -465,23 +500,52 @@ def _integer_labels(values: pd.Series, ids: np.ndarray, column: str, place: str)
             return floats.astype(np.int64)
 
     first = int(np.argmax(bad))
+    value = values.iloc[first]
+    value = value.item() if isinstance(value, np.generic) else value  # 0.5, not np.float64(0.5)
     raise DatamanipError(
         f"labels in column '{column}' of {place} must be integers, but id {ids[first]} has "
-        f"{values.iloc[first]!r}; map labels to integers 0..K-1 (and fill in missing ones)"
+        f"{value!r}; map labels to integers 0..K-1 (and fill in missing ones)"
     )
 
 
-def _check_label_range(labels: np.ndarray, ids: np.ndarray, num_labels: int, place: str) -> None:
-    if num_labels < 2:
-        raise DatamanipError(
-            f"{place} has only label 0, but classification needs at least two classes; "
-            f"check --label-column or map labels to integers 0..K-1"
-        )
-    bad = (labels < 0) | (labels >= num_labels)
+def _check_label_range(
+    labels: np.ndarray, ids: np.ndarray, num_labels: int | None, place: str
+) -> None:
+    """Rejects labels outside ``0..num_labels-1``; with ``num_labels`` None, negative ones only.
+
+    -1 marks an unlabelled split only when it is on every row, so here it is out of range too.
+    """
+    bad = labels < 0 if num_labels is None else (labels < 0) | (labels >= num_labels)
     if bad.any():
         first = int(np.argmax(bad))
+        allowed = "0..K-1" if num_labels is None else f"0..{num_labels - 1}"
         raise DatamanipError(
             f"labels out of range in {place}: id {ids[first]} has label {labels[first]}, but "
-            f"labels must be 0..{num_labels - 1} (or -1 on every row of an unlabelled split); "
-            f"map labels to integers 0..{num_labels - 1}"
+            f"labels must be {allowed} (or -1 on every row of an unlabelled split); "
+            f"map labels to integers {allowed}"
         )
+
+
+def _check_classes(name: str, labelled: dict[str, Split], places: dict[str, str]) -> None:
+    """Rejects data with one class only, or a split holding a class the train split lacks."""
+    train = labelled.get("train")
+    pooled = [train] if train is not None else list(labelled.values())
+    classes = np.unique(np.concatenate([rows.labels for rows in pooled]))
+    if len(classes) < 2:
+        where = f"the train split ({places['train']})" if train is not None else name
+        raise DatamanipError(
+            f"{where} has only one class (label {classes[0]}), but classification needs at "
+            f"least two; check --label-column, or add examples of another class"
+        )
+    if train is None:
+        return
+
+    for split, rows in labelled.items():
+        unseen = ~np.isin(rows.labels, classes)
+        if unseen.any():
+            first = int(np.argmax(unseen))
+            raise DatamanipError(
+                f"the {split} split ({places[split]}) holds label {rows.labels[first]} (id "
+                f"{rows.ids[first]}), which the train split ({places['train']}) lacks, so no "
+                f"model can learn it; fix the labels so that every class of {split} is in train"
+            )

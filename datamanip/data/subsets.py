@@ -213,6 +213,8 @@ def _draw(labels, sizes, val_per_class, rng, source) -> tuple[np.ndarray, ...]:
     train_parts, val_parts, rest_parts = [], [], []
     for label in sorted(sizes):
         order, train_size = orders[label], sizes[label]
+        if len(order) == 0:
+            raise DatamanipError(_missing_class(source, label, orders))
         if len(order) < val_per_class + (train_size or 1):
             raise DatamanipError(_too_few(source, label, len(order), train_size, val_per_class))
         end = len(order) if train_size is None else val_per_class + train_size
@@ -224,6 +226,16 @@ def _draw(labels, sizes, val_per_class, rng, source) -> tuple[np.ndarray, ...]:
     train_idx = rng.permutation(np.concatenate(train_parts))
     val_idx = rng.permutation(np.concatenate(val_parts))
     return train_idx, val_idx, np.sort(np.concatenate(rest_parts))
+
+
+def _missing_class(source, label, orders) -> str:
+    """Lowering a size cannot help a class with no examples: the labels need fixing."""
+    present = ", ".join(str(other) for other, order in enumerate(orders) if len(order))
+    return (
+        f"class {label} has no examples in the train split of {source.name} (it holds classes "
+        f"{present} of 0..{source.num_labels - 1}); map labels to integers 0..K-1 without "
+        f"gaps, or with --imbalance pass --classes A,B naming two classes it holds"
+    )
 
 
 def _too_few(source, label, available, train_size, val_per_class) -> str:
