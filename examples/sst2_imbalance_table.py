@@ -65,7 +65,7 @@ def table(root: Path) -> str:
                 continue
             results = [json.loads(p.read_text()) for p in found]
             accs = [100 * r["test_accuracy"] for r in results]
-            std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+            std = f"{statistics.stdev(accs):.2f}" if len(accs) > 1 else "– (1 seed)"
             paper = {
                 "none": PAPER[imbalance][0],
                 "ren": PAPER[imbalance][1],
@@ -74,7 +74,7 @@ def table(root: Path) -> str:
             wall = statistics.mean(r["wall_time_s"] for r in results)
             seeds = ",".join(str(r["seed"]) for r in results)
             rows.append(
-                f"| {imbalance} | {method} | {statistics.mean(accs):.2f} ± {std:.2f} | "
+                f"| {imbalance} | {method} | {statistics.mean(accs):.2f} ± {std} | "
                 f"{seeds} | {paper} | {wall / 60:.1f} min |"
             )
     return "\n".join(rows)
@@ -89,10 +89,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th job from the I-th")
     parser.add_argument("--table", action="store_true", help="only print the table")
+    parser.add_argument("--readme", help="also write the table into this file between markers")
     args = parser.parse_args()
     if not args.table:
         run_jobs(args)
-    print(table(Path(args.root)))
+    text = table(Path(args.root))
+    print(text)
+    if args.readme:
+        write_between_markers(Path(args.readme), text)
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    start, end = "<!-- table:start -->", "<!-- table:end -->"
+    page = path.read_text()
+    head, rest = page.split(start, 1)
+    path.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 if __name__ == "__main__":
