@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th job from the I-th")
     parser.add_argument("--table", action="store_true", help="only print the table")
     parser.add_argument("--readme", help="also write the table into this file between markers")
+    parser.add_argument("--dump", help="also write every run's numbers to this JSON-lines file")
     args = parser.parse_args()
     if not args.table:
         run_jobs(args)
@@ -97,6 +98,27 @@ def main() -> None:
     print(text)
     if args.readme:
         write_between_markers(Path(args.readme), text)
+    if args.dump:
+        dump(Path(args.root), Path(args.dump))
+
+
+def dump(root: Path, path: Path) -> None:
+    keys = (
+        "method",
+        "seed",
+        "test_accuracy",
+        "test_balanced_accuracy",
+        "per_class_recall",
+        "val_accuracy",
+        "best_epoch",
+        "wall_time_s",
+    )
+    lines = []
+    for found in sorted(root.glob("imb*/*/seed_*/results.json")):
+        result = json.loads(found.read_text())
+        row = {"imbalance": float(found.parts[-4].removeprefix("imb"))}
+        lines.append(json.dumps(row | {k: result[k] for k in keys}))
+    path.write_text("\n".join(lines) + "\n")
 
 
 def write_between_markers(path: Path, text: str) -> None:
