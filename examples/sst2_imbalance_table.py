@@ -22,7 +22,7 @@ METHODS = ("none", "proportion", "ren", "weighting")
 
 
 def jobs(imbalances, seeds, methods):
-    return [(r, m, s) for r in imbalances for s in seeds for m in methods]
+    return [(r, m, s) for s in seeds for r in imbalances for m in methods]  # coverage first
 
 
 def run_jobs(args) -> None:
