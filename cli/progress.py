@@ -29,7 +29,10 @@ class RichProgress:
         self._task = self._progress.add_task(self.label, total=epochs * steps_per_epoch, info="")
 
     def step(self, epoch: int, step: int, loss: float) -> None:
-        info = f"epoch {epoch + 1} step {step}/{self.steps_per_epoch} loss {loss:.4f} val acc {self._val}"
+        info = (
+            f"epoch {epoch + 1} step {step}/{self.steps_per_epoch} loss {loss:.4f} "
+            f"val acc {self._val}"
+        )
         self._progress.update(self._task, advance=1, info=info)
 
     def epoch_end(self, epoch: int, val_accuracy: float) -> None:

@@ -1,4 +1,4 @@
-"""Manipulations: small objects behind one protocol (:class:`Manipulation`) that the engine calls."""
+"""Manipulations: small objects behind one protocol (:class:`Manipulation`) the engine calls."""
 
 from datamanip.manipulations.base import Batch, Manipulation, Step
 from datamanip.manipulations.weighting import (
