@@ -9,6 +9,7 @@ and takes the real optimiser step on :meth:`Manipulation.train_loss`.
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,7 +98,7 @@ def reward_gradients(
     Returns:
         ``(grads, val_loss)``: ∂L_val(θ')/∂φ for each tensor of ``phi``, and L_val(θ').
     """
-    autocast = autocast or _no_autocast
+    autocast = autocast or nullcontext
     names, params = trainable(model)
     grads = torch.autograd.grad(
         loss, params, create_graph=True, allow_unused=True, materialize_grads=True
@@ -145,7 +146,7 @@ def example_reward_gradients(
     Returns:
         ``(grads, val_loss)`` as :func:`reward_gradients` returns them.
     """
-    autocast = autocast or _no_autocast
+    autocast = autocast or nullcontext
     names, params = trainable(model)
     losses = step.example_losses()
     grads = torch.autograd.grad(
@@ -202,14 +203,6 @@ def directional_derivatives(
             nn.functional.cross_entropy(at_least_float32(logits).double(), labels, reduction="none")
         )
     return (shifted_losses[0] - shifted_losses[1]) / (2 * eps)
-
-
-class _no_autocast:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @dataclass
