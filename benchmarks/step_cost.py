@@ -1,4 +1,5 @@
-"""Cost of one training step: plain, learned weighting, and a per-example loop.
+"""Cost of one training step: plain, learned weighting, a per-example loop, and learned
+text augmentation.
 
 Measured side by side in one run on the same model and batch (MiniLM shapes, batch 25,
 validation 20, length 48; SPEC §8), variants interleaved so machine noise hits them alike.
@@ -10,7 +11,11 @@ follows the live tensors.
     python benchmarks/step_cost.py            # prints a table, then the ratio lines
     python benchmarks/step_cost.py --steps 12
 
-The last lines are ``weighting_step_ratio=R`` and ``weighting_memory_ratio=M``.
+The augmentation rows use their own setup (SPEC §5 low-data: batch 8, validation 10, length
+48), the classifier and a MiniLM-shaped augmenter, each against a plain step on that batch.
+
+The last lines are ``weighting_step_ratio=R``, ``weighting_memory_ratio=M`` and
+``augment_step_ratio=R``.
 """
 
 import argparse
@@ -25,6 +30,7 @@ import time
 import torch
 
 BATCH, VAL, LENGTH = 25, 20, 48
+AUGMENT_BATCH, AUGMENT_VAL = 8, 10
 
 
 class Setup:
@@ -103,8 +109,81 @@ def per_example_loop_step(s: Setup) -> None:
     s.optimizer.step()
 
 
-def time_variants(steps: int, variants: list[str]) -> dict[str, list[float]]:
-    setup = Setup()
+class ExactPath:
+    """The augmentation with only ``lookahead_loss``: the engine's double-backward path."""
+
+    def __init__(self, augmentation):
+        self.inner = augmentation
+        self.name, self.uses_reward = augmentation.name, True
+
+    def lookahead_loss(self, step):
+        return self.inner.lookahead_loss(step)
+
+    def reward_step(self, step, grads):
+        return self.inner.reward_step(step, grads)
+
+    def train_loss(self, step):
+        return self.inner.train_loss(step)
+
+
+class AugmentSetup:
+    """MiniLM classifier and MiniLM augmenter, batch 8, validation 10, length 48."""
+
+    def __init__(self):
+        from accelerate import Accelerator
+
+        from datamanip.augmenter import load_augmenter
+        from datamanip.experiment import build_optimizer
+        from datamanip.manipulations import NoManipulation
+        from datamanip.manipulations.base import Batch
+        from datamanip.manipulations.text_augment import TextAugmentation
+        from datamanip.models import load_text_classifier
+
+        torch.manual_seed(0)
+        self.model, tokenizer = load_text_classifier("minilm", num_labels=2)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, 4e-5, 0.01)
+        self.accelerator = Accelerator(cpu=True)
+        augmenter, _ = load_augmenter("minilm", 2)
+        g = torch.Generator().manual_seed(0)
+
+        def batch(n):
+            ids = torch.randint(1000, 20000, (n, LENGTH), generator=g)
+            ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+            mask = torch.ones(n, LENGTH, dtype=torch.long)
+            return Batch(
+                torch.arange(n),
+                torch.randint(0, 2, (n,), generator=g),
+                {"input_ids": ids, "attention_mask": mask},
+            )
+
+        self.batch, self.val = batch(AUGMENT_BATCH), [batch(AUGMENT_VAL)]
+        special = list(tokenizer.all_special_ids)
+        self.manipulations = {
+            "plain8": NoManipulation(self.batch.labels, 2),
+            "augment": TextAugmentation(augmenter, special, tokenizer.mask_token_id),
+            "augment_k1": TextAugmentation(
+                augmenter, special, tokenizer.mask_token_id, num_samples=1
+            ),
+        }
+        self.manipulations["augment_exact"] = ExactPath(self.manipulations["augment"])
+
+    def step(self, variant: str) -> None:
+        from datamanip.engine import take_step
+
+        take_step(
+            self.model,
+            self.optimizer,
+            self.manipulations[variant],
+            self.batch,
+            self.val,
+            variant != "plain8",
+            self.accelerator,
+        )
+
+
+def time_variants(steps: int, variants: list[str], setup=None) -> dict[str, list[float]]:
+    setup = setup or Setup()
     for v in variants:  # warm-up: optimiser state, allocator, lazy inits
         setup.step(v)
     times = {v: [] for v in variants}
@@ -157,6 +236,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="seconds and memory per training step")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--no-loop", action="store_true", help="skip the slow per-example loop")
+    parser.add_argument("--no-augment", action="store_true", help="skip the augmentation rows")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
@@ -184,10 +264,28 @@ def main() -> None:
             f"{mem / 2**20:>15.0f}{mem / memory['plain']:>9.2f}" if mem else f"{'-':>15}{'-':>9}"
         )
         print(f"{labels[v]:<34}{t:>9.3f}{t / plain:>9.2f}{mem_text}")
+    augment = {}
+    if not args.no_augment:
+        augment_variants = ["plain8", "augment", "augment_k1", "augment_exact"]
+        augment = time_variants(args.steps, augment_variants, AugmentSetup())
+        plain8 = statistics.median(augment["plain8"])
+        print(f"augmentation: batch {AUGMENT_BATCH}, validation {AUGMENT_VAL}, length {LENGTH}")
+        labels = {
+            "plain8": "plain training step (batch 8)",
+            "augment": "learned augmentation, K=4",
+            "augment_k1": "learned augmentation, K=1",
+            "augment_exact": "  K=4, exact double backward",
+        }
+        for v in augment_variants:
+            t = statistics.median(augment[v])
+            print(f"{labels[v]:<34}{t:>9.3f}{t / plain8:>9.2f}")
     if "loop" in times:
         print(f"loop_step_ratio={statistics.median(times['loop']) / plain:.2f}")
     print(f"weighting_step_ratio={statistics.median(times['weighting']) / plain:.2f}")
     print(f"weighting_memory_ratio={memory['weighting'] / memory['plain']:.2f}")
+    if augment:
+        ratio = statistics.median(augment["augment"]) / statistics.median(augment["plain8"])
+        print(f"augment_step_ratio={ratio:.2f}")
 
 
 if __name__ == "__main__":

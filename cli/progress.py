@@ -8,8 +8,9 @@ from rich.table import Table
 class RichProgress:
     """Progress bar over all steps of a run: epoch, step, loss, last validation accuracy."""
 
-    def __init__(self, label: str, console: Console | None = None):
+    def __init__(self, label: str, console: Console | None = None, measure: str = "val acc"):
         self.label = label
+        self.measure = measure  # what epoch_end reports: validation accuracy, or MLM loss
         self.console = console or Console(stderr=True)
         self._progress = None
         self._val = "-"
@@ -31,12 +32,12 @@ class RichProgress:
     def step(self, epoch: int, step: int, loss: float) -> None:
         info = (
             f"epoch {epoch + 1} step {step}/{self.steps_per_epoch} loss {loss:.4f} "
-            f"val acc {self._val}"
+            f"{self.measure} {self._val}"
         )
         self._progress.update(self._task, advance=1, info=info)
 
-    def epoch_end(self, epoch: int, val_accuracy: float) -> None:
-        self._val = f"{val_accuracy:.3f}"
+    def epoch_end(self, epoch: int, value: float) -> None:
+        self._val = f"{value:.3f}"
 
     def close(self) -> None:
         self._progress.stop()

@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from datamanip.errors import DatamanipError
 
 METHODS = ("weighting", "ren", "proportion", "none")
+AUGMENT_METHODS = ("learned", "fixed", "none")
+COMMAND_METHODS = {"weight": METHODS, "augment": AUGMENT_METHODS}
 
 
 @dataclass
 class RunConfig:
+    command: str = "weight"  # weight or augment
     # data
     dataset: str = "sst2"
     data_dir: str | None = None
@@ -37,6 +40,16 @@ class RunConfig:
     w_decay: float | None = None
     norm: str = "linear"
     temperature: float = 1.0
+    # augmentation (SPEC §4)
+    augmenter: str | None = None  # a fine-tuned augmenter folder; else fine-tune one first
+    augmenter_model: str = "minilm"
+    num_samples: int = 4
+    tau: float = 1.0
+    augmenter_lr: float = 4e-5
+    mlm_epochs: int = 60
+    mlm_batch_size: int = 8
+    mlm_lr: float = 4e-5
+    finetune_only: bool = False
     # training
     epochs: int | None = None
     batch_size: int | None = None
@@ -69,7 +82,8 @@ def setup_defaults(config: RunConfig) -> dict:
     training peaks at epoch 2-3 with MiniLM, SPEC §8, and 5 keeps the default run near 10 minutes
     on 2 CPU cores); the BERT-base recipes keep the paper's 10.
     """
-    reward = config.method in ("weighting", "ren")
+    # Only weighting and Ren warm up; learned augmentation starts at once (SPEC §5).
+    reward = config.command == "weight" and config.method in ("weighting", "ren")
     setup = setup_name(config)
     if setup == "imbalanced":
         # w_decay 5 at 20 and 50 : 1000, 10 at 100 : 1000 (SPEC §3).
@@ -90,9 +104,13 @@ def setup_defaults(config: RunConfig) -> dict:
 
 def resolve(config: RunConfig) -> RunConfig:
     """Checks ``config`` and fills unset settings from the setup's defaults."""
-    if config.method not in METHODS:
+    if config.command not in COMMAND_METHODS:
+        raise DatamanipError(f"unknown command {config.command!r}; use weight or augment")
+    methods = COMMAND_METHODS[config.command]
+    if config.method not in methods:
         raise DatamanipError(
-            f"unknown --method {config.method!r}; choose one of {', '.join(METHODS)}"
+            f"unknown --method {config.method!r} for datamanip {config.command}; "
+            f"choose one of {', '.join(methods)}"
         )
     if config.imbalance is not None and not 0 < config.imbalance <= 1:
         raise DatamanipError(
@@ -109,7 +127,7 @@ def resolve(config: RunConfig) -> RunConfig:
         )
     if config.mixed_precision == "fp16" and not _cuda():
         raise DatamanipError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 or no")
-    for name in ("w_init", "w_decay", "temperature", "lr"):
+    for name in ("w_init", "w_decay", "temperature", "lr", "tau", "augmenter_lr", "mlm_lr"):
         value = getattr(config, name)
         if value is not None and not value > 0:
             raise DatamanipError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -120,12 +138,21 @@ def resolve(config: RunConfig) -> RunConfig:
         )
     filled = {k: v for k, v in setup_defaults(config).items() if getattr(config, k) is None}
     config = dataclasses.replace(config, setup=setup_name(config), **filled)
-    minimum = {"epochs": 1, "batch_size": 1, "val_per_class": 1, "log_every": 1, "max_length": 2}
+    minimum = {
+        "epochs": 1,
+        "batch_size": 1,
+        "val_per_class": 1,
+        "log_every": 1,
+        "max_length": 2,
+        "num_samples": 1,
+        "mlm_epochs": 1,
+        "mlm_batch_size": 1,
+    }
     for name, least in minimum.items():
         if getattr(config, name) < least:
             raise DatamanipError(f"--{name.replace('_', '-')} must be at least {least}")
     if config.warmup_epochs < 0 or (
-        config.warmup_epochs >= config.epochs and config.method in ("weighting", "ren")
+        config.warmup_epochs >= config.epochs and config.method in ("weighting", "ren", "learned")
     ):
         raise DatamanipError(
             f"--warmup-epochs {config.warmup_epochs} leaves no epoch of "

@@ -1,6 +1,7 @@
 """Model factories: text classifiers from the hub or a local folder, the packaged default."""
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from datamanip.errors import DatamanipError
@@ -43,13 +44,14 @@ def load_text_classifier(name: str, num_labels: int):
     Returns:
         ``(model, tokenizer)``.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     path = resolve_model_path(name)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
-    hf_logging.disable_progress_bar()
+    with quiet_transformers():
+        return _load_classifier(name, path, num_labels)
+
+
+def _load_classifier(name: str, path: str, num_labels: int):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         # A saved classifier with another number of classes gets a fresh head of the right size.
@@ -62,6 +64,18 @@ def load_text_classifier(name: str, num_labels: int):
             f"could not load model {name!r} ({first[:160]}); pass a folder written by "
             "save_pretrained (config.json, weights, tokenizer), a hub id, or --model minilm"
         ) from err
+    return model, tokenizer
+
+
+@contextmanager
+def quiet_transformers():
+    """Silences transformers' load report: a newly initialised head is expected here."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
-    return model, tokenizer

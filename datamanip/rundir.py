@@ -7,6 +7,9 @@ Layout::
     results.json      final numbers (val/test accuracy, per-class recall, best epoch, wall time)
     weights.parquet   every training example: id in its source split, input, label, weight, loss
     model/            the best-validation model (safetensors) and its tokenizer
+
+An augmentation run adds samples.jsonl, augmenter/ and augmenter_finetuned/
+(:mod:`datamanip.augment_run`).
 """
 
 import json
@@ -25,19 +28,26 @@ RUN_FILES = (
     "weights.parquet",
     "summary.json",
     "model",
+    "samples.jsonl",
+    "augmenter",
+    "augmenter_finetuned",
 )
 
 
 class RunDir:
-    """A run directory; refuses one that holds another run unless ``overwrite``."""
+    """A run directory; refuses one that holds another run unless ``overwrite``.
 
-    def __init__(self, path: str | Path, overwrite: bool = False):
+    ``keep`` names files of the run directory that ``overwrite`` leaves in place (an
+    augmentation run keeps the augmenter its own MLM stage wrote a moment before).
+    """
+
+    def __init__(self, path: str | Path, overwrite: bool = False, keep: tuple[str, ...] = ()):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise DatamanipError(
                 f"output directory {self.path} is a file; choose another --output-dir"
             )
-        held = [name for name in RUN_FILES if (self.path / name).exists()]
+        held = [n for n in RUN_FILES if (self.path / n).exists() and n not in keep]
         held += [p.name for p in self.path.glob("seed_*") if p.is_dir()]
         if held and not overwrite:
             raise DatamanipError(
@@ -63,6 +73,10 @@ class RunDir:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
 
+    def append_jsonl(self, name: str, record: dict) -> None:
+        with open(self.path / name, "a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+
     def write_json(self, name: str, data: dict) -> None:
         _atomic_write(self.path / name, json.dumps(_jsonable(data), indent=2) + "\n")
 
@@ -72,9 +86,12 @@ class RunDir:
         table.to_parquet(tmp, index=False)
         tmp.replace(self.path / "weights.parquet")
 
-    def save_model(self, model, tokenizer) -> None:
-        model.save_pretrained(self.path / "model", safe_serialization=True)
-        tokenizer.save_pretrained(self.path / "model")
+    def save_model(self, model, tokenizer, name: str = "model") -> None:
+        from datamanip.models import quiet_transformers
+
+        with quiet_transformers():  # no "Writing model shards" bar at the end of a run
+            model.save_pretrained(self.path / name, safe_serialization=True)
+        tokenizer.save_pretrained(self.path / name)
 
 
 def _atomic_write(path: Path, text: str) -> None:

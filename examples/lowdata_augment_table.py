@@ -1,0 +1,148 @@
+"""Runs the low-data augmentation table (SPEC §6: SST-5 and IMDB, 40 per class) and prints it.
+
+Per data set the augmenter's MLM stage runs once (``--finetune-only``) and serves every method
+and seed, as the paper's fine-tuned generator does. Every (data set, method, seed) run goes to
+its own run directory under ``--root``; a run whose ``results.json`` exists is skipped, so the
+script can be stopped and started again. Each finished run's numbers are appended to
+``--results`` (a JSON-lines file kept in the repository), and the table is built from that file.
+
+    python examples/lowdata_augment_table.py --data-dir ../shared/data
+    python examples/lowdata_augment_table.py --table --readme README.md
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+PAPER = {  # SPEC §6, BERT-base, test accuracy %
+    "sst5": {"none": "33.32 ± 4.04", "fixed": "34.84", "learned": "37.03"},
+    "imdb": {"none": "63.55", "fixed": "63.65", "learned": "65.62"},
+}
+VALIDATION = {"sst5": 2, "imdb": 5}  # per class (SPEC §5)
+METHODS = ("none", "fixed", "learned")
+KEYS = (
+    "method",
+    "seed",
+    "test_accuracy",
+    "val_accuracy",
+    "best_epoch",
+    "label_preservation",
+    "train_accuracy_on_originals",
+    "rewrite_change_rate",
+    "wall_time_s",
+)
+
+
+def command(dataset: str, args, *extra) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "datamanip",
+        "augment",
+        "--dataset",
+        dataset,
+        "--per-class",
+        "40",
+        "--val-per-class",
+        str(VALIDATION[dataset]),
+        "--quiet",
+        "--overwrite",
+        *(["--data-dir", args.data_dir] if args.data_dir else []),
+        *extra,
+    ]
+
+
+def run_jobs(args) -> None:
+    root = Path(args.root)
+    for dataset in args.datasets:
+        stage = root / dataset / "stage"
+        augmenter = stage / "augmenter_finetuned"
+        needs = any(m != "none" for m in args.methods)
+        if needs and not (stage / "results.json").exists():
+            run(command(dataset, args, "--finetune-only", "--output-dir", str(stage)))
+        for seed in args.seeds:
+            for method in args.methods:
+                out = root / dataset / method / f"seed_{seed}"
+                if (out / "results.json").exists():
+                    continue
+                extra = ["--method", method, "--seed", str(seed), "--output-dir", str(out)]
+                if method != "none":
+                    extra += ["--augmenter", str(augmenter)]
+                run(command(dataset, args, *extra))
+                result = json.loads((out / "results.json").read_text())
+                row = {"dataset": dataset} | {k: result.get(k) for k in KEYS}
+                with open(args.results, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(
+                    f"{dataset} {method} seed {seed}: test {result['test_accuracy']:.4f} "
+                    f"({result['wall_time_s'] / 60:.1f} min)",
+                    flush=True,
+                )
+
+
+def run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def table(results: Path) -> str:
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    lines = [
+        "| data set | method | test accuracy % (ours, MiniLM) | seeds | paper (BERT-base) | "
+        "label kept by rewrites | wall time per run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for dataset in PAPER:
+        for method in METHODS:
+            found = {r["seed"]: r for r in rows if (r["dataset"], r["method"]) == (dataset, method)}
+            if not found:
+                continue
+            done = [found[s] for s in sorted(found)]
+            accs = [100 * r["test_accuracy"] for r in done]
+            std = f"{statistics.stdev(accs):.2f}" if len(accs) > 1 else "– (1 seed)"
+            kept = (
+                f"{100 * statistics.mean(r['label_preservation'] for r in done):.0f}% "
+                f"(originals {100 * statistics.mean(r['train_accuracy_on_originals'] for r in done):.0f}%)"
+                if done[0].get("label_preservation") is not None
+                else "–"
+            )
+            wall = statistics.mean(r["wall_time_s"] for r in done)
+            lines.append(
+                f"| {dataset} | {method} | {statistics.mean(accs):.2f} ± {std} | "
+                f"{','.join(str(s) for s in sorted(found))} | {PAPER[dataset][method]} | {kept} | "
+                f"{wall / 60:.1f} min |"
+            )
+    return "\n".join(lines)
+
+
+def write_between_markers(path: Path, text: str, name: str) -> None:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    page = path.read_text()
+    head, rest = page.split(start, 1)
+    path.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default="runs/augment_table")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--datasets", nargs="+", default=list(PAPER))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--results", default="examples/lowdata_augment_results.jsonl")
+    parser.add_argument("--table", action="store_true", help="only print the table")
+    parser.add_argument("--readme", help="also write the table into this file between markers")
+    args = parser.parse_args()
+    if not args.table:
+        run_jobs(args)
+    text = table(Path(args.results))
+    print(text)
+    if args.readme:
+        write_between_markers(Path(args.readme), text, "augment-table")
+
+
+if __name__ == "__main__":
+    main()
