@@ -52,6 +52,9 @@ def weight(
         None, help="Validation examples per class, from the training split."
     ),
     data_seed: int = typer.Option(0, help="Fixes which examples form the subsets."),
+    label_noise: float = typer.Option(
+        0.0, help="Flip this fraction of training labels (fixed by --data-seed; recorded)."
+    ),
     model: str = typer.Option(
         "minilm", help="Hub id or local folder; minilm is the packaged all-MiniLM-L6-v2."
     ),
@@ -101,6 +104,7 @@ def weight(
             per_class=per_class,
             val_per_class=val_per_class,
             data_seed=data_seed,
+            label_noise=label_noise,
             model=model,
             max_length=max_length,
             method=method,

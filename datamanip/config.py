@@ -28,6 +28,7 @@ class RunConfig:
     per_class: int | None = None
     val_per_class: int | None = None
     data_seed: int = 0
+    label_noise: float = 0.0
     # model
     model: str = "minilm"
     max_length: int = 64

@@ -57,6 +57,7 @@ def load_subsets(config: RunConfig) -> tuple[Subsets, int]:
         per_class=config.per_class,
         val_per_class=config.val_per_class,
         data_seed=config.data_seed,
+        label_noise=config.label_noise,
     )
     for note in subsets.notes:
         logger.warning(note)
@@ -76,12 +77,16 @@ def two_class(subsets: Subsets) -> Subsets:
         return dataclasses.replace(split, labels=labels)
 
     summary = subsets.summary | {"label_map": {str(k): v for k, v in mapping.items()}}
+    original = subsets.original_train_labels
     return dataclasses.replace(
         subsets,
         train=relabel(subsets.train),
         val=relabel(subsets.val),
         test=relabel(subsets.test),
         summary=summary,
+        original_train_labels=None
+        if original is None
+        else np.array([mapping[int(x)] for x in original]),
     )
 
 
@@ -210,7 +215,8 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
     # Final weight and loss of every training example, under the model at the end of training.
     inner = accelerator.unwrap_model(model)
     _, train_losses = predict(inner, train_enc, accelerator.device)
-    rundir.write_weights(weights_table(subsets, manipulation.example_weights(), train_losses))
+    weights = weights_table(subsets, manipulation.example_weights(), train_losses)
+    rundir.write_weights(weights)
 
     # The reported numbers come from the epoch of best validation accuracy (SPEC §5).
     inner.load_state_dict(result.best_state)
@@ -233,8 +239,23 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
         "wall_time_s": time.perf_counter() - started,
         "output_dir": str(rundir.path),
     }
+    if "flipped" in weights:
+        results["label_noise"] = noise_detection(weights, config.method)
     rundir.write_json("results.json", results)
     return results
+
+
+def noise_detection(weights: pd.DataFrame, method: str, ks=(50, 100, 200)) -> dict:
+    """Precision at finding flipped labels of the k most down-weighted training examples (and,
+    for comparison, of the k with the highest final loss), beside the base rate."""
+    from datamanip.noise import precision_at_k
+
+    out = {"base_rate": float(weights["flipped"].mean()), "flipped": int(weights["flipped"].sum())}
+    for k in ks:
+        if method != "none":
+            out[f"precision_at_{k}_lowest_weight"] = precision_at_k(weights, k, by="weight")
+        out[f"precision_at_{k}_highest_loss"] = precision_at_k(weights, k, by="loss")
+    return out
 
 
 def test_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict:
@@ -248,8 +269,9 @@ def test_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict
 
 
 def weights_table(subsets: Subsets, weights: np.ndarray, losses: np.ndarray) -> pd.DataFrame:
+    """Every training example's final weight and loss; with label noise, which were flipped."""
     train = subsets.train
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "id": train.ids,
             "text": train.inputs,
@@ -258,3 +280,7 @@ def weights_table(subsets: Subsets, weights: np.ndarray, losses: np.ndarray) -> 
             "loss": losses.astype(np.float64),
         }
     )
+    if subsets.original_train_labels is not None:
+        table["flipped"] = subsets.flipped()
+        table["original_label"] = subsets.original_train_labels
+    return table
