@@ -3,7 +3,7 @@
 Each subcommand only parses and checks its options, then calls one library function.
 """
 
-from datamanip.cli import data, run, weight  # noqa: E402,F401  (registers the subcommands)
+from datamanip.cli import data, report, run, weight  # noqa: E402,F401  (registers the subcommands)
 from datamanip.cli.app import app, main
 
 __all__ = ["app", "main"]

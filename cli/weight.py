@@ -79,6 +79,9 @@ def weight(
     seeds: str = typer.Option(None, help="Several training seeds, 0,1,2 or 0-4: mean ± std."),
     mixed_precision: str = typer.Option("no", help="no, bf16 or fp16."),
     log_every: int = typer.Option(10, help="Steps between lines of metrics.jsonl."),
+    log_with: str = typer.Option(
+        None, help="Trackers for the same metrics: tensorboard, wandb, mlflow, ... (comma list)."
+    ),
     output_dir: str = typer.Option(
         None, help="Run directory (default runs/DATASET-SETUP-METHOD-TIME)."
     ),
@@ -121,6 +124,7 @@ def weight(
             seeds=parse_int_list(seeds, "--seeds"),
             mixed_precision=mixed_precision,
             log_every=log_every,
+            log_with=log_with.split(",") if log_with else None,
             output_dir=output_dir,
             overwrite=overwrite,
         )

@@ -48,6 +48,7 @@ class RunConfig:
     seeds: list[int] | None = None
     mixed_precision: str = "no"
     log_every: int = 10
+    log_with: list[str] | None = None
     # run directory
     output_dir: str | None = None
     overwrite: bool = False
@@ -119,6 +120,10 @@ def resolve(config: RunConfig) -> RunConfig:
         raise DatamanipError(
             f"seeds must be distinct integers ≥ 0, got {seeds}; e.g. --seeds 0,1,2"
         )
+    if config.log_with:
+        from datamanip.tracking import check_trackers
+
+        check_trackers(config.log_with)
     filled = {k: v for k, v in setup_defaults(config).items() if getattr(config, k) is None}
     config = dataclasses.replace(config, setup=setup_name(config), **filled)
     minimum = {"epochs": 1, "batch_size": 1, "val_per_class": 1, "log_every": 1, "max_length": 2}

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
+from datamanip import tracking
 from datamanip.config import RunConfig, resolve
 from datamanip.data import Subsets, build_subsets, load_source
 from datamanip.engine import TrainConfig, predict, train
@@ -169,7 +170,10 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
     # One process may run several configs (seeds, tests); accelerate keeps its state in a
     # singleton, so drop the previous run's mixed-precision state (the process group stays).
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        **tracking.accelerator_options(config.log_with, rundir.path),
+    )
     set_seed(config.seed)  # also fixes the fresh classification head
     model, tokenizer = load_text_classifier(config.model, num_labels)
 
@@ -188,6 +192,7 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
         "subsets": subsets.summary,
     }
     rundir.write_config(resolved)
+    tracking.start_trackers(accelerator, config.log_with, rundir.path.name, resolved)
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     manipulation = make_manipulation(config, train_enc.labels, num_labels)
@@ -208,9 +213,10 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
         val_enc,
         train_config,
         accelerator,
-        metrics=rundir.log_metrics,
+        metrics=tracking.metrics_sink(rundir.log_metrics, accelerator, config.log_with),
         progress=progress,
     )
+    accelerator.end_training()
 
     # Final weight and loss of every training example, under the model at the end of training.
     inner = accelerator.unwrap_model(model)

@@ -137,7 +137,7 @@ def read_recipe(name_or_path: str) -> Recipe:
         per_method=per_method,
         summary=_summary_line(path),
     )
-    for method in recipe.methods:
+    for method in [*recipe.methods, *per_method]:
         recipe.config(method)  # every key of every method checked now, not after hours
     return recipe
 
