@@ -40,10 +40,13 @@ class Command:
     """What a recipe's ``command`` names.
 
     Attributes:
-        config: The dataclass whose fields are the recipe's settings.
+        config: The dataclass whose fields are the recipe's settings. It needs the fields
+            ``method``, ``seeds`` (list of ints or None) and ``output_dir``, which ``run``
+            sets; fields with ``metadata={"resolved": True}`` are not settable.
         methods: The methods ``--methods`` may name.
         runner: ``"module:function"`` taking one config (and ``progress_factory``) and returning
-            a results dict (one seed) or a summary (several seeds); imported only to run.
+            a results dict with ``test_accuracy`` and ``output_dir`` (one seed) or a summary
+            with ``test_accuracy`` (a list) and ``runs`` (several seeds); imported only to run.
     """
 
     config: type
