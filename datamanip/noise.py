@@ -6,19 +6,28 @@
 
 import pandas as pd
 
+RANKINGS = {
+    "weight": "lowest weight, ties by higher loss",
+    "weight_alone": "lowest weight, ties in training order",
+    "loss": "highest loss",
+}
+
 
 def ranked(weights: pd.DataFrame, by: str = "weight") -> pd.DataFrame:
-    """Training examples, the most suspect first: lowest weight, or highest loss.
+    """Training examples, the most suspect first (see :data:`RANKINGS`).
 
-    Ties (many weights sit at the 1e-5 floor) are broken by the higher loss, then by position,
-    so the ranking is deterministic.
+    Many weights sit at the 1e-5 floor: ``"weight"`` breaks those ties by the higher final
+    loss, ``"weight_alone"`` by position in the training subset (a seeded shuffle, so as good
+    as random), which shows what the weights find without the loss's help.
     """
     if by == "weight":
         keys, ascending = ["weight", "loss"], [True, False]
+    elif by == "weight_alone":
+        keys, ascending = ["weight"], [True]
     elif by == "loss":
         keys, ascending = ["loss"], [False]
     else:
-        raise ValueError(f"rank by 'weight' or 'loss', not {by!r}")
+        raise ValueError(f"rank by one of {', '.join(RANKINGS)}, not {by!r}")
     return weights.sort_values(keys, ascending=ascending, kind="stable")
 
 

@@ -32,7 +32,7 @@ import pandas as pd
 import yaml
 
 from datamanip.errors import DatamanipError
-from datamanip.noise import ranked
+from datamanip.noise import RANKINGS, ranked
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +200,9 @@ def noise_rows(runs: list[Run]) -> list[dict]:
         w = run.weights
         row = {"run": _short(run), "method": run.method, "base rate": w["flipped"].mean()}
         for k in ks:
-            for by, name in (("weight", "lowest weight"), ("loss", "highest loss")):
-                if by == "weight" and run.method == "none":
+            for by, name in (("weight", "lowest weight"), ("weight_alone", "weight alone"),
+                             ("loss", "highest loss")):  # fmt: skip
+                if by != "loss" and run.method == "none":
                     continue  # plain training gives every example weight 1: no ranking
                 row[f"{name} @{k}"] = ranked(w, by).head(k)["flipped"].mean()
         rows.append(row)
@@ -323,8 +324,8 @@ def noise_figure(run: Run) -> Figure:
     w = run.weights
     ks = list(range(1, len(w) + 1))
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    for by, name in (("weight", "lowest weight first"), ("loss", "highest loss first")):
-        if by == "weight" and run.method == "none":
+    for by, name in RANKINGS.items():
+        if by != "loss" and run.method == "none":
             continue
         hits = ranked(w, by)["flipped"].cumsum().to_numpy()
         ax.plot(ks, hits / ks, label=name)
@@ -424,8 +425,9 @@ def build_sections(runs: list[Run]) -> list[Section]:
         figures = [noise_figure(r) for r in first_runs(noisy_runs(runs), lambda r: True)]
         text = (
             "Precision at k: the fraction of flipped labels among the k training examples ranked "
-            "most suspect (lowest final weight, or highest final loss), beside the base rate, "
-            "the fraction a random pick of k would find."
+            "most suspect, beside the base rate (what a random pick of k finds). Rankings: lowest "
+            "final weight with ties at the weight floor broken by the higher final loss; lowest "
+            "weight alone (ties in training order); highest final loss alone."
         )
         sections.append(Section("Finding flipped labels", text, figures, table=(head, cells)))
     weighted = first_runs(runs, lambda r: r.method not in ("none",) and r.weights is not None)

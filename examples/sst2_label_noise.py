@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from datamanip.experiment import noise_detection
 from datamanip.report import build_report, find_runs
 
 KEEP = ("method", "seed", "test_accuracy", "best_epoch", "train_size", "wall_time_s", "label_noise")
@@ -26,6 +27,8 @@ def main() -> None:
     lines = []
     for run in find_runs([args.root]):
         row = {k: run.results[k] for k in KEEP if k in run.results}
+        # Recomputed from weights.parquet, so runs made before a ranking was added have it too.
+        row["label_noise"] = noise_detection(run.weights, run.method)
         row["config"] = {k: run.config[k] for k in ("dataset", "per_class", "label_noise", "model",
                                                      "epochs", "batch_size", "data_seed")}  # fmt: skip
         lines.append(json.dumps(row))

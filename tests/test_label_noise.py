@@ -76,6 +76,9 @@ def test_precision_at_k_against_a_hand_count():
     assert precision_at_k(table, 3) == pytest.approx(2 / 3)
     assert precision_at_k(table, 2, by="loss") == 0.5  # rows 2 and 1
     assert precision_at_k(table, 100) == 0.5
+    # Weight alone: ties at 1e-5 stay in table order: rows 1, 2, 5, ...
+    assert list(ranked(table, "weight_alone").index) == [1, 2, 5, 3, 0, 4]
+    assert precision_at_k(table, 1, by="weight_alone") == 1.0
 
 
 def test_weight_cli_marks_flipped_examples(tiny_mirror, tmp_path):
@@ -96,6 +99,9 @@ def test_weight_cli_marks_flipped_examples(tiny_mirror, tmp_path):
     noise = results["label_noise"]
     assert noise["base_rate"] == pytest.approx(0.2) and noise["flipped"] == 8
     assert noise["precision_at_50_lowest_weight"] == precision_at_k(weights, 50)
+    assert noise["precision_at_50_weight_alone"] == precision_at_k(weights, 50, "weight_alone")
+    lowest = weights["weight"] == weights["weight"].min()
+    assert noise["flipped_at_lowest_weight"] == weights["flipped"][lowest].sum()
 
 
 def test_real_sst2_noise(shared_data):
