@@ -190,23 +190,27 @@ def noisy_runs(runs: list[Run]) -> list[Run]:
 
 
 def noise_rows(runs: list[Run]) -> list[dict]:
-    """For runs with flipped labels: precision at k of the lowest weights and highest losses,
-    at the k of (10, 50, 100, 200) below the smallest training set."""
+    """For runs with flipped labels, one row per ranking: precision at k, at the k of
+    (10, 50, 100, 200) below the smallest training set, beside the base rate."""
     runs = noisy_runs(runs)
     smallest = min(len(r.weights) for r in runs)
     ks = [k for k in (10, 50, 100, 200) if k < smallest] or [max(1, smallest // 2)]
     rows = []
     for run in runs:
         w = run.weights
-        row = {"run": _short(run), "method": run.method, "base rate": w["flipped"].mean()}
-        for k in ks:
-            for by, name in (("weight", "lowest weight"), ("weight_alone", "weight alone"),
-                             ("loss", "highest loss")):  # fmt: skip
-                if by != "loss" and run.method == "none":
-                    continue  # plain training gives every example weight 1: no ranking
-                row[f"{name} @{k}"] = ranked(w, by).head(k)["flipped"].mean()
-        rows.append(row)
+        for by, name in RANKINGS.items():
+            if by != "loss" and run.method == "none":
+                continue  # plain training gives every example weight 1: no ranking
+            row = {"run": _short(run), "ranking": name, "base rate": w["flipped"].mean()}
+            top = ranked(w, by)["flipped"]
+            rows.append(row | {f"@{k}": top.head(k).mean() for k in ks})
     return rows
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    return value if isinstance(value, str) else f"{value:.3f}"
 
 
 def _short(run: Run) -> str:
@@ -420,8 +424,8 @@ def build_sections(runs: list[Run]) -> list[Section]:
     ]  # fmt: skip
     noisy = noise_rows(runs) if noisy_runs(runs) else []
     if noisy:
-        head = list(noisy[0])
-        cells = [[r[k] if isinstance(r[k], str) else f"{r[k]:.3f}" for k in head] for r in noisy]
+        head = list(dict.fromkeys(k for r in noisy for k in r))  # plain runs lack weight columns
+        cells = [[_cell(r.get(k)) for k in head] for r in noisy]
         figures = [noise_figure(r) for r in first_runs(noisy_runs(runs), lambda r: True)]
         text = (
             "Precision at k: the fraction of flipped labels among the k training examples ranked "

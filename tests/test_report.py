@@ -60,6 +60,14 @@ def test_report_files_and_table(recipe_runs, tmp_path):
     for name in re.findall(r"\]\(([^)]+\.png)\)", md):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Finding flipped labels" in md and "most down-weighted" in md
+    noise = [line for line in md.splitlines() if line.startswith("| sst2") and "seed 0 |" in line]
+    rankings = [(line.split(" | ")[0].split(" · ")[1], line.split(" | ")[1]) for line in noise]
+    assert rankings == [
+        ("none", "highest loss"),
+        ("weighting", "lowest weight, ties by higher loss"),
+        ("weighting", "lowest weight, ties in training order"),
+        ("weighting", "highest loss"),
+    ]  # plain training has no weights to rank by
     assert "Sample rewrites" not in md  # no samples.jsonl in weighting runs
     html = (out / "report.html").read_text()
     assert 'src="data:image/png;base64,' in html and 'src="' + "accuracy" not in html
