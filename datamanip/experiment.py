@@ -19,6 +19,7 @@ from datamanip.engine import TrainConfig, predict, train
 from datamanip.errors import DatamanipError
 from datamanip.manipulations import WEIGHTING_METHODS
 from datamanip.models import load_text_classifier
+from datamanip.noise import noise_detection
 from datamanip.rundir import RunDir
 from datamanip.text import encode
 
@@ -78,16 +79,16 @@ def two_class(subsets: Subsets) -> Subsets:
         return dataclasses.replace(split, labels=labels)
 
     summary = subsets.summary | {"label_map": {str(k): v for k, v in mapping.items()}}
-    original = subsets.original_train_labels
+    original = subsets.original_train_labels  # before --label-noise; None without it
+    if original is not None:
+        original = np.array([mapping[int(x)] for x in original], dtype=np.int64)
     return dataclasses.replace(
         subsets,
         train=relabel(subsets.train),
         val=relabel(subsets.val),
         test=relabel(subsets.test),
         summary=summary,
-        original_train_labels=None
-        if original is None
-        else np.array([mapping[int(x)] for x in original]),
+        original_train_labels=original,
     )
 
 
@@ -246,29 +247,9 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
         "output_dir": str(rundir.path),
     }
     if "flipped" in weights:
-        results["label_noise"] = noise_detection(weights, config.method)
+        results["label_noise"] = noise_detection(weights, config.method)  # datamanip.noise
     rundir.write_json("results.json", results)
     return results
-
-
-def noise_detection(weights: pd.DataFrame, method: str, ks=(50, 100, 200)) -> dict:
-    """Precision at finding flipped labels of the k most down-weighted training examples (and,
-    for comparison, of the k with the highest final loss), beside the base rate."""
-    from datamanip.noise import precision_at_k
-
-    out = {"base_rate": float(weights["flipped"].mean()), "flipped": int(weights["flipped"].sum())}
-    if method != "none":
-        floor = weights["weight"] <= weights["weight"].min() * (1 + 1e-6)
-        out |= {
-            "at_lowest_weight": int(floor.sum()),
-            "flipped_at_lowest_weight": int(weights["flipped"][floor].sum()),
-        }
-    for k in ks:
-        if method != "none":
-            out[f"precision_at_{k}_lowest_weight"] = precision_at_k(weights, k, by="weight")
-            out[f"precision_at_{k}_weight_alone"] = precision_at_k(weights, k, by="weight_alone")
-        out[f"precision_at_{k}_highest_loss"] = precision_at_k(weights, k, by="loss")
-    return out
 
 
 def test_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict:

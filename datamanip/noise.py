@@ -35,3 +35,21 @@ def precision_at_k(weights: pd.DataFrame, k: int, by: str = "weight") -> float:
     """Fraction of flipped labels among the ``k`` most suspect examples (k capped at the size)."""
     top = ranked(weights, by).head(k)
     return float(top["flipped"].mean()) if len(top) else 0.0
+
+
+def noise_detection(weights: pd.DataFrame, method: str, ks=(50, 100, 200)) -> dict:
+    """Precision at finding flipped labels of the k most down-weighted training examples (and,
+    for comparison, of the k with the highest final loss), beside the base rate."""
+    out = {"base_rate": float(weights["flipped"].mean()), "flipped": int(weights["flipped"].sum())}
+    if method != "none":
+        floor = weights["weight"] <= weights["weight"].min() * (1 + 1e-6)
+        out |= {
+            "at_lowest_weight": int(floor.sum()),
+            "flipped_at_lowest_weight": int(weights["flipped"][floor].sum()),
+        }
+    for k in ks:
+        if method != "none":
+            out[f"precision_at_{k}_lowest_weight"] = precision_at_k(weights, k, by="weight")
+            out[f"precision_at_{k}_weight_alone"] = precision_at_k(weights, k, by="weight_alone")
+        out[f"precision_at_{k}_highest_loss"] = precision_at_k(weights, k, by="loss")
+    return out

@@ -261,6 +261,7 @@ def accuracy_curves(runs: list[Run]) -> list[Figure]:
                 ax.plot(x, y, marker="o", color=colours[run.method], alpha=0.8,
                         label=f"{run.method} seed {run.seed}")  # fmt: skip
         ax.set(xlabel="epoch", ylabel="validation accuracy %", title=f"{dataset}, {setting}")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7)
         name = f"accuracy_{_slug(dataset, setting)}.png"
         figures.append(

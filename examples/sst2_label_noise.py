@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from datamanip.experiment import noise_detection
+from datamanip.noise import noise_detection
 from datamanip.report import build_report, find_runs
 
 KEEP = ("method", "seed", "test_accuracy", "best_epoch", "train_size", "wall_time_s", "label_noise")

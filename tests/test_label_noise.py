@@ -109,3 +109,21 @@ def test_real_sst2_noise(shared_data):
     noisy = build_subsets(source, per_class=500, val_per_class=10, label_noise=0.2)
     assert noisy.flipped().sum() == 200
     assert set(np.unique(noisy.train.labels[noisy.flipped()])) == {0, 1}
+
+
+def test_noise_survives_the_two_class_relabelling(tmp_path):
+    """--imbalance with --classes 1,3 on five classes: labels become 0/1, the record follows."""
+    from datamanip.config import RunConfig, resolve
+    from datamanip.experiment import load_subsets
+
+    rows = [(i, f"text {i}", i % 5) for i in range(1000)]
+    frame = pd.DataFrame(rows, columns=["idx", "text", "label"])
+    frame.to_parquet(tmp_path / "train.parquet")
+    frame.head(100).to_parquet(tmp_path / "test.parquet")
+    config = RunConfig(dataset=str(tmp_path), imbalance=0.5, majority_size=100, classes=[1, 3])
+    config.minority_label = 1
+    config = resolve(RunConfig(**(config.to_dict() | {"label_noise": 0.1, "val_per_class": 5})))
+    subsets, num_labels = load_subsets(config)
+    assert num_labels == 2
+    assert set(subsets.train.labels) == {0, 1} and set(subsets.original_train_labels) == {0, 1}
+    assert subsets.flipped().sum() == 15
