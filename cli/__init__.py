@@ -3,7 +3,7 @@
 Each subcommand only parses and checks its options, then calls one library function.
 """
 
-from datamanip.cli import augment, data, weight  # noqa: E402,F401  (registers the subcommands)
+from datamanip.cli import augment, data, report, run, weight  # noqa: E402,F401  (registers)
 from datamanip.cli.app import app, main
 
 __all__ = ["app", "main"]

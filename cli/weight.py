@@ -52,6 +52,9 @@ def weight(
         None, help="Validation examples per class, from the training split."
     ),
     data_seed: int = typer.Option(0, help="Fixes which examples form the subsets."),
+    label_noise: float = typer.Option(
+        0.0, help="Flip this fraction of training labels (fixed by --data-seed; recorded)."
+    ),
     model: str = typer.Option(
         "minilm", help="Hub id or local folder; minilm is the packaged all-MiniLM-L6-v2."
     ),
@@ -76,6 +79,9 @@ def weight(
     seeds: str = typer.Option(None, help="Several training seeds, 0,1,2 or 0-4: mean ± std."),
     mixed_precision: str = typer.Option("no", help="no, bf16 or fp16."),
     log_every: int = typer.Option(10, help="Steps between lines of metrics.jsonl."),
+    log_with: str = typer.Option(
+        None, help="Trackers for the same metrics: tensorboard, wandb, mlflow, ... (comma list)."
+    ),
     output_dir: str = typer.Option(
         None, help="Run directory (default runs/DATASET-SETUP-METHOD-TIME)."
     ),
@@ -101,6 +107,7 @@ def weight(
             per_class=per_class,
             val_per_class=val_per_class,
             data_seed=data_seed,
+            label_noise=label_noise,
             model=model,
             max_length=max_length,
             method=method,
@@ -117,6 +124,7 @@ def weight(
             seeds=parse_int_list(seeds, "--seeds"),
             mixed_precision=mixed_precision,
             log_every=log_every,
+            log_with=log_with.split(",") if log_with else None,
             output_dir=output_dir,
             overwrite=overwrite,
         )

@@ -31,6 +31,7 @@ class RunConfig:
     per_class: int | None = None
     val_per_class: int | None = None
     data_seed: int = 0
+    label_noise: float = 0.0
     # model
     model: str = "minilm"
     max_length: int = 64
@@ -60,6 +61,7 @@ class RunConfig:
     seeds: list[int] | None = None
     mixed_precision: str = "no"
     log_every: int = 10
+    log_with: list[str] | None = None
     # run directory
     output_dir: str | None = None
     overwrite: bool = False
@@ -136,6 +138,10 @@ def resolve(config: RunConfig) -> RunConfig:
         raise DatamanipError(
             f"seeds must be distinct integers ≥ 0, got {seeds}; e.g. --seeds 0,1,2"
         )
+    if config.log_with:
+        from datamanip.tracking import check_trackers
+
+        check_trackers(config.log_with)
     filled = {k: v for k, v in setup_defaults(config).items() if getattr(config, k) is None}
     config = dataclasses.replace(config, setup=setup_name(config), **filled)
     minimum = {

@@ -12,12 +12,14 @@ import pandas as pd
 import torch
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
+from datamanip import tracking
 from datamanip.config import RunConfig, resolve
 from datamanip.data import Subsets, build_subsets, load_source
 from datamanip.engine import TrainConfig, predict, train
 from datamanip.errors import DatamanipError
 from datamanip.manipulations import WEIGHTING_METHODS
 from datamanip.models import load_text_classifier
+from datamanip.noise import noise_detection
 from datamanip.rundir import RunDir
 from datamanip.text import encode
 
@@ -57,6 +59,7 @@ def load_subsets(config: RunConfig) -> tuple[Subsets, int]:
         per_class=config.per_class,
         val_per_class=config.val_per_class,
         data_seed=config.data_seed,
+        label_noise=config.label_noise,
     )
     for note in subsets.notes:
         logger.warning(note)
@@ -76,12 +79,16 @@ def two_class(subsets: Subsets) -> Subsets:
         return dataclasses.replace(split, labels=labels)
 
     summary = subsets.summary | {"label_map": {str(k): v for k, v in mapping.items()}}
+    original = subsets.original_train_labels  # before --label-noise; None without it
+    if original is not None:
+        original = np.array([mapping[int(x)] for x in original], dtype=np.int64)
     return dataclasses.replace(
         subsets,
         train=relabel(subsets.train),
         val=relabel(subsets.val),
         test=relabel(subsets.test),
         summary=summary,
+        original_train_labels=original,
     )
 
 
@@ -164,7 +171,10 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
     # One process may run several configs (seeds, tests); accelerate keeps its state in a
     # singleton, so drop the previous run's mixed-precision state (the process group stays).
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        **tracking.accelerator_options(config.log_with, rundir.path),
+    )
     set_seed(config.seed)  # also fixes the fresh classification head
     model, tokenizer = load_text_classifier(config.model, num_labels)
 
@@ -183,6 +193,7 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
         "subsets": subsets.summary,
     }
     rundir.write_config(resolved)
+    tracking.start_trackers(accelerator, config.log_with, rundir.path.name, resolved)
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     manipulation = make_manipulation(config, train_enc.labels, num_labels)
@@ -203,14 +214,16 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
         val_enc,
         train_config,
         accelerator,
-        metrics=rundir.log_metrics,
+        metrics=tracking.metrics_sink(rundir.log_metrics, accelerator, config.log_with),
         progress=progress,
     )
+    accelerator.end_training()
 
     # Final weight and loss of every training example, under the model at the end of training.
     inner = accelerator.unwrap_model(model)
     _, train_losses = predict(inner, train_enc, accelerator.device)
-    rundir.write_weights(weights_table(subsets, manipulation.example_weights(), train_losses))
+    weights = weights_table(subsets, manipulation.example_weights(), train_losses)
+    rundir.write_weights(weights)
 
     # The reported numbers come from the epoch of best validation accuracy (SPEC §5).
     inner.load_state_dict(result.best_state)
@@ -233,6 +246,8 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
         "wall_time_s": time.perf_counter() - started,
         "output_dir": str(rundir.path),
     }
+    if "flipped" in weights:
+        results["label_noise"] = noise_detection(weights, config.method)  # datamanip.noise
     rundir.write_json("results.json", results)
     return results
 
@@ -248,8 +263,9 @@ def test_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict
 
 
 def weights_table(subsets: Subsets, weights: np.ndarray, losses: np.ndarray) -> pd.DataFrame:
+    """Every training example's final weight and loss; with label noise, which were flipped."""
     train = subsets.train
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "id": train.ids,
             "text": train.inputs,
@@ -258,3 +274,7 @@ def weights_table(subsets: Subsets, weights: np.ndarray, losses: np.ndarray) -> 
             "loss": losses.astype(np.float64),
         }
     )
+    if subsets.original_train_labels is not None:
+        table["flipped"] = subsets.flipped()
+        table["original_label"] = subsets.original_train_labels
+    return table

@@ -426,3 +426,26 @@ def test_real_sst5_augment_few_steps(shared_data, tiny_models, tmp_path):
     assert AutoConfig.from_pretrained(out / "augmenter").type_vocab_size == 5
     sample = read_jsonl(out / "samples.jsonl")[0]
     assert len(sample["original"].split()) > 2
+
+
+def test_augment_recipe_runs_through_datamanip_run(tiny_mirror, tiny_models, tmp_path):
+    classifier, mlm = tiny_models
+    out = tmp_path / "recipe"
+    overrides = [
+        "dataset=sst2",
+        f"data_dir={tiny_mirror}",
+        f"model={classifier}",
+        f"augmenter_model={mlm}",
+        "per_class=8",
+        "val_per_class=4",
+        "mlm_epochs=1",
+        "epochs=1",
+        "num_samples=1",
+    ]
+    args = ["run", "sst5_lowdata_augment", *overrides, "--methods", "none,learned"]
+    result = invoke([*args, "--output-dir", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    for method in ("none", "learned"):
+        results = json.loads((out / method / "results.json").read_text())
+        assert results["method"] == method and results["command"] == "augment"
+    assert (out / "learned" / "augmenter_finetuned" / "config.json").is_file()

@@ -31,6 +31,9 @@ class Subsets:
             ``"train-remainder"`` (train examples not drawn into train or val).
         notes: Plain-language remarks about choices made, for logs and the run summary.
         summary: JSON-able description of the draw: mode, seed, sizes and per-class counts.
+        original_train_labels: [num_train] the training labels before ``label_noise`` flipped
+            some of them, or None when no label was flipped; ``train.labels`` holds the noisy
+            ones that training sees.
     """
 
     train: Split
@@ -39,6 +42,13 @@ class Subsets:
     test_split: str
     notes: list[str]
     summary: dict
+    original_train_labels: np.ndarray | None = None
+
+    def flipped(self) -> np.ndarray:
+        """[num_train] True where ``label_noise`` changed the training label."""
+        if self.original_train_labels is None:
+            return np.zeros(len(self.train), dtype=bool)
+        return self.original_train_labels != self.train.labels
 
 
 def build_subsets(
@@ -51,6 +61,7 @@ def build_subsets(
     per_class: int | None = None,
     val_per_class: int = 10,
     data_seed: int = 0,
+    label_noise: float = 0.0,
 ) -> Subsets:
     """Draws the train, validation and test subsets of a run.
 
@@ -68,6 +79,8 @@ def build_subsets(
         per_class: Training examples per class in low-data mode.
         val_per_class: Validation examples per class kept.
         data_seed: Seed of the draw; the same seed gives the same subsets.
+        label_noise: Fraction of training labels flipped, each to another kept class drawn
+            uniformly; which ones is fixed by ``data_seed``. Validation and test stay clean.
 
     Returns:
         The subsets, with notes and a JSON-able summary.
@@ -80,6 +93,7 @@ def build_subsets(
         subsets = build_subsets(load_source("sst2"), imbalance=0.05)  # 1000 pos + 50 neg
     """
     _check_options(imbalance, per_class, classes, majority_size, val_per_class, data_seed)
+    _check_noise(label_noise)
     train_split = _train_split(source)
     mode, sizes, minority, majority = _class_sizes(
         source, imbalance, per_class, classes, minority_label, majority_size
@@ -89,6 +103,10 @@ def build_subsets(
     train_idx, val_idx, rest_idx = _draw(train_split.labels, sizes, val_per_class, rng, source)
     train, val = train_split.take(train_idx), train_split.take(val_idx)
     test, test_split, notes = _test_set(source, train_split.take(rest_idx), sorted(sizes))
+    original_labels = None
+    if label_noise > 0:
+        original_labels = train.labels.copy()
+        train = flip_labels(train, label_noise, sorted(sizes), data_seed)
 
     summary = {
         "dataset": source.name,
@@ -110,11 +128,40 @@ def build_subsets(
         "test": _class_counts(test.labels, sizes),
         "notes": notes,
     }
+    if original_labels is not None:
+        flipped = original_labels != train.labels
+        summary["label_noise"] = {
+            "fraction": float(label_noise),
+            "flipped": int(flipped.sum()),
+            "flipped_ids": train.ids[flipped].tolist(),
+            "original_labels": original_labels[flipped].tolist(),
+        }
     counts = ", ".join(f"{name} {summary[name]}" for name in ("train", "val", "test"))
     logger.info("subsets of %s (%s, data seed %d): %s", source.name, mode, data_seed, counts)
     for note in notes:
         logger.info("note: %s", note)
-    return Subsets(train, val, test, test_split, notes, summary)
+    return Subsets(train, val, test, test_split, notes, summary, original_labels)
+
+
+def flip_labels(train: Split, fraction: float, classes: list[int], data_seed: int) -> Split:
+    """``train`` with ``round(fraction * len(train))`` labels flipped to another class of
+    ``classes``, drawn uniformly. The flips come from their own generator seeded by
+    ``data_seed``, so adding noise leaves the draw of the subsets themselves unchanged."""
+    rng = np.random.default_rng([data_seed, 7])  # 7: any fixed stream other than the draw's
+    chosen = rng.choice(len(train), size=round(fraction * len(train)), replace=False)
+    labels = train.labels.copy()
+    for position in chosen:
+        others = [c for c in classes if c != labels[position]]
+        labels[position] = others[rng.integers(len(others))]
+    return Split(train.ids, train.inputs, labels)
+
+
+def _check_noise(label_noise) -> None:
+    if isinstance(label_noise, bool) or not 0 <= label_noise < 1:  # also catches NaN
+        raise DatamanipError(
+            f"--label-noise {label_noise} is outside [0, 1); pass the fraction of training "
+            "labels to flip, for example --label-noise 0.2"
+        )
 
 
 def _class_sizes(source, imbalance, per_class, classes, minority_label, majority_size):
