@@ -92,7 +92,7 @@ def test_report_shows_samples_and_transforms(tmp_path):
     """Augmentation runs: samples.jsonl rows and transform/ log values become a table and a plot."""
     run = tmp_path / "aug"
     run.mkdir()
-    (run / "config.yaml").write_text("dataset: sst5\nper_class: 40\nmethod: augmentation\n")
+    (run / "config.yaml").write_text("dataset: sst5\nper_class: 40\nmethod: learned\n")
     (run / "results.json").write_text(json.dumps({"test_accuracy": 0.37}))
     sample = {
         "original": "a dull film",
