@@ -1,11 +1,12 @@
 """Runs the SST-2 imbalance table (SPEC §6) with the default model, and prints it.
 
-Every (imbalance, method, seed) run goes to its own run directory under ``--root``; a run whose
-``results.json`` exists is skipped, so the script can be stopped and started again, and split
-over processes with ``--shard I/N``. ``--table`` only prints the markdown table of what is done.
+Every (imbalance, method, seed) run goes to its own run directory under ``--root`` and, when it
+finishes, appends its numbers to ``--results`` (a JSON-lines file kept in the repository). A run
+already in that file is skipped, so the script can be stopped and started again, and split over
+processes with ``--shard I/N``. The table is built from that file; ``--table`` only prints it.
 
     python examples/sst2_imbalance_table.py --data-dir ../shared/data --root runs/sst2_table
-    python examples/sst2_imbalance_table.py --root runs/sst2_table --table
+    python examples/sst2_imbalance_table.py --table --readme README.md
 """
 
 import argparse
@@ -19,6 +20,16 @@ PAPER = {  # SPEC §6, BERT-base, test accuracy %: (none, ren, weighting)
     0.1: ("75.04 ± 4.51", "80.73 ± 2.19", "81.82 ± 1.88"),
 }
 METHODS = ("none", "proportion", "ren", "weighting")
+KEYS = (
+    "method",
+    "seed",
+    "test_accuracy",
+    "test_balanced_accuracy",
+    "per_class_recall",
+    "val_accuracy",
+    "best_epoch",
+    "wall_time_s",
+)
 
 
 def jobs(imbalances, seeds, methods):
@@ -30,11 +41,12 @@ def run_jobs(args) -> None:
     from datamanip.experiment import run_weighting
 
     index, count = (int(x) for x in args.shard.split("/"))
+    done = {(r["imbalance"], r["method"], r["seed"]) for r in read_results(args.results)}
     todo = jobs(args.imbalance, args.seeds, args.methods)[index::count]
     for imbalance, method, seed in todo:
-        out = Path(args.root) / f"imb{imbalance}" / method / f"seed_{seed}"
-        if (out / "results.json").exists():
+        if (imbalance, method, seed) in done:
             continue
+        out = Path(args.root) / f"imb{imbalance}" / method / f"seed_{seed}"
         config = RunConfig(
             dataset="sst2",
             data_dir=args.data_dir,
@@ -45,6 +57,8 @@ def run_jobs(args) -> None:
             overwrite=True,
         )
         result = run_weighting(config)
+        with Path(args.results).open("a") as f:
+            f.write(json.dumps({"imbalance": imbalance} | {k: result[k] for k in KEYS}) + "\n")
         print(
             f"imbalance {imbalance} {method} seed {seed}: test {result['test_accuracy']:.4f} "
             f"({result['wall_time_s']:.0f} s)",
@@ -52,7 +66,14 @@ def run_jobs(args) -> None:
         )
 
 
-def table(root: Path) -> str:
+def read_results(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def table(results: list[dict]) -> str:
     rows = [
         "| imbalance | method | test accuracy % (ours, MiniLM) | seeds | paper (BERT-base) | "
         "wall time per run |",
@@ -60,19 +81,21 @@ def table(root: Path) -> str:
     ]
     for imbalance in sorted(PAPER):
         for method in METHODS:
-            found = sorted((root / f"imb{imbalance}" / method).glob("seed_*/results.json"))
-            if not found:
+            cell = sorted(
+                (r for r in results if r["imbalance"] == imbalance and r["method"] == method),
+                key=lambda r: r["seed"],
+            )
+            if not cell:
                 continue
-            results = [json.loads(p.read_text()) for p in found]
-            accs = [100 * r["test_accuracy"] for r in results]
+            accs = [100 * r["test_accuracy"] for r in cell]
             std = f"{statistics.stdev(accs):.2f}" if len(accs) > 1 else "– (1 seed)"
             paper = {
                 "none": PAPER[imbalance][0],
                 "ren": PAPER[imbalance][1],
                 "weighting": PAPER[imbalance][2],
             }.get(method, "-")
-            wall = statistics.mean(r["wall_time_s"] for r in results)
-            seeds = ",".join(str(r["seed"]) for r in results)
+            wall = statistics.mean(r["wall_time_s"] for r in cell)
+            seeds = ",".join(str(r["seed"]) for r in cell)
             rows.append(
                 f"| {imbalance} | {method} | {statistics.mean(accs):.2f} ± {std} | "
                 f"{seeds} | {paper} | {wall / 60:.1f} min |"
@@ -90,35 +113,18 @@ def main() -> None:
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th job from the I-th")
     parser.add_argument("--table", action="store_true", help="only print the table")
     parser.add_argument("--readme", help="also write the table into this file between markers")
-    parser.add_argument("--dump", help="also write every run's numbers to this JSON-lines file")
+    parser.add_argument(
+        "--results",
+        default=str(Path(__file__).with_name("sst2_imbalance_results.jsonl")),
+        help="JSON-lines file of finished runs: read to skip them, appended to, table source",
+    )
     args = parser.parse_args()
     if not args.table:
         run_jobs(args)
-    text = table(Path(args.root))
+    text = table(read_results(args.results))
     print(text)
     if args.readme:
         write_between_markers(Path(args.readme), text)
-    if args.dump:
-        dump(Path(args.root), Path(args.dump))
-
-
-def dump(root: Path, path: Path) -> None:
-    keys = (
-        "method",
-        "seed",
-        "test_accuracy",
-        "test_balanced_accuracy",
-        "per_class_recall",
-        "val_accuracy",
-        "best_epoch",
-        "wall_time_s",
-    )
-    lines = []
-    for found in sorted(root.glob("imb*/*/seed_*/results.json")):
-        result = json.loads(found.read_text())
-        row = {"imbalance": float(found.parts[-4].removeprefix("imb"))}
-        lines.append(json.dumps(row | {k: result[k] for k in keys}))
-    path.write_text("\n".join(lines) + "\n")
 
 
 def write_between_markers(path: Path, text: str) -> None:
