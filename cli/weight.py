@@ -78,6 +78,15 @@ def weight(
     seed: int = typer.Option(0, help="Training seed."),
     seeds: str = typer.Option(None, help="Several training seeds, 0,1,2 or 0-4: mean ± std."),
     mixed_precision: str = typer.Option("no", help="no, bf16 or fp16."),
+    reward_every: int = typer.Option(
+        1, help="Update the manipulation every k-th step (cheaper; 1: every step, as the paper)."
+    ),
+    val_batch_size: int = typer.Option(
+        None, help="Validation examples per reward step, drawn at random (default: all)."
+    ),
+    manipulate_until: float = typer.Option(
+        1.0, help="Manipulate this fraction of training steps, then train plainly."
+    ),
     log_every: int = typer.Option(10, help="Steps between lines of metrics.jsonl."),
     log_with: str = typer.Option(
         None, help="Trackers for the same metrics: tensorboard, wandb, mlflow, ... (comma list)."
@@ -123,6 +132,9 @@ def weight(
             seed=seed,
             seeds=parse_int_list(seeds, "--seeds"),
             mixed_precision=mixed_precision,
+            reward_every=reward_every,
+            val_batch_size=val_batch_size,
+            manipulate_until=manipulate_until,
             log_every=log_every,
             log_with=log_with.split(",") if log_with else None,
             output_dir=output_dir,

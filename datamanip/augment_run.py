@@ -244,6 +244,9 @@ def run_one_augmentation(
         warmup_epochs=config.warmup_epochs,
         seed=config.seed,
         log_every=config.log_every,
+        reward_every=config.reward_every,
+        val_batch_size=config.val_batch_size,
+        manipulate_until=config.manipulate_until,
     )
     progress = progress_factory(config) if progress_factory else None
     result = train(

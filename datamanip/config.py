@@ -60,6 +60,10 @@ class RunConfig:
     seed: int = 0
     seeds: list[int] | None = None
     mixed_precision: str = "no"
+    # budget knobs (README, "Cost and budget knobs")
+    reward_every: int = 1  # a reward step every k-th manipulated step
+    val_batch_size: int | None = None  # validation examples per reward step (None: all)
+    manipulate_until: float = 1.0  # fraction of training steps with the manipulation
     log_every: int = 10
     log_with: list[str] | None = None
     # run directory
@@ -133,6 +137,11 @@ def resolve(config: RunConfig) -> RunConfig:
         value = getattr(config, name)
         if value is not None and not value > 0:
             raise DatamanipError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 0 < config.manipulate_until <= 1:
+        raise DatamanipError(
+            f"--manipulate-until must be in (0, 1], got {config.manipulate_until}; "
+            "0.5 manipulates the first half of training and trains plainly after"
+        )
     seeds = config.seeds if config.seeds is not None else [config.seed]
     if not seeds or min(seeds) < 0 or len(set(seeds)) < len(seeds):
         raise DatamanipError(
@@ -153,9 +162,11 @@ def resolve(config: RunConfig) -> RunConfig:
         "num_samples": 1,
         "mlm_epochs": 1,
         "mlm_batch_size": 1,
+        "reward_every": 1,
+        "val_batch_size": 1,
     }
     for name, least in minimum.items():
-        if getattr(config, name) < least:
+        if getattr(config, name) is not None and getattr(config, name) < least:
             raise DatamanipError(f"--{name.replace('_', '-')} must be at least {least}")
     if config.warmup_epochs < 0 or (
         config.warmup_epochs >= config.epochs and config.method in ("weighting", "ren", "learned")

@@ -275,6 +275,12 @@ class TrainConfig:
     warmup_epochs: int = 0
     seed: int = 0
     log_every: int = 10
+    # Budget knobs (README, "Cost"): a reward step every k-th manipulated step; a random subset of
+    # this many validation examples per reward step (None: all, as the paper); the manipulation
+    # only during this fraction of all training steps, plain training after.
+    reward_every: int = 1
+    val_batch_size: int | None = None
+    manipulate_until: float = 1.0
 
 
 @dataclass
@@ -284,6 +290,14 @@ class TrainResult:
     best_state: dict
     history: list[dict] = field(default_factory=list)
     wall_time_s: float = 0.0
+
+
+def reward_validation(val_data, val_batches: list[Batch], size: int | None, generator, device):
+    """The validation batches one reward step scores on: all of them, or a random ``size``."""
+    if size is None or size >= len(val_data):
+        return val_batches
+    rows = torch.randperm(len(val_data), generator=generator)[:size]
+    return [val_data.batch(rows.sort().values).to(device)]
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> Tensor:
@@ -326,19 +340,42 @@ def train(
     if progress:
         progress.start(config.epochs, steps_per_epoch)
 
+    # Reward steps draw their validation subsets from their own generator, so that
+    # --val-batch-size leaves the dropout masks and data order of the run unchanged.
+    val_generator = torch.Generator().manual_seed(config.seed)
+    manipulated_steps = math.ceil(config.manipulate_until * config.epochs * steps_per_epoch)
+
     start = time.perf_counter()
     best = TrainResult(best_epoch=-1, best_val_accuracy=-1.0, best_state={})
     best_val_loss = float("inf")
-    global_step = 0
+    global_step, reward_steps = 0, 0
     for epoch in range(config.epochs):
-        active = manipulation.uses_reward and epoch >= config.warmup_epochs
+        warm = epoch < config.warmup_epochs
         order = epoch_order(len(train_data), config.seed, epoch)
         epoch_start, seen, loss_sum = time.perf_counter(), 0, 0.0
+        epoch_rewards, epoch_manipulated = 0, False
         model.train()
         for step_in_epoch, positions in enumerate(order.split(config.batch_size)):
             batch = train_data.batch(positions).to(device)
+            # The manipulation is off in the warm-up epochs of a reward-learning manipulation
+            # and after --manipulate-until; its reward step runs every --reward-every-th step.
+            manipulating = global_step < manipulated_steps and not (
+                warm and manipulation.uses_reward
+            )
+            learning = manipulating and manipulation.uses_reward
+            reward = learning and reward_steps % config.reward_every == 0
+            reward_steps += learning
+            epoch_rewards += reward
+            epoch_manipulated |= manipulating
+            val = (
+                reward_validation(
+                    val_data, val_batches, config.val_batch_size, val_generator, device
+                )
+                if reward
+                else val_batches
+            )
             loss, reward_loss = take_step(
-                inner_model, optimizer, manipulation, batch, val_batches, active, accelerator
+                inner_model, optimizer, manipulation, batch, val, reward, accelerator, manipulating
             )
             if not math.isfinite(loss):
                 raise DatamanipError(
@@ -370,7 +407,8 @@ def train(
             "loss": loss_sum / seen,
             "val_accuracy": val_acc,
             "val_loss": val_loss,
-            "manipulated": active,
+            "manipulated": epoch_manipulated,
+            "reward_steps": epoch_rewards,
             "examples_per_s": seen / (time.perf_counter() - epoch_start),
         }
         metrics(record | manipulation.log_values())
@@ -381,8 +419,9 @@ def train(
         if on_epoch_end:
             on_epoch_end(epoch)
         # Warm-up epochs of a reward-learning manipulation are plain training: they do not count
-        # as the manipulation's best epoch (as in the reference code).
-        counts = active or not manipulation.uses_reward
+        # as the manipulation's best epoch (as in the reference code). Plain epochs after
+        # --manipulate-until do: the manipulation shaped the model they start from.
+        counts = not (warm and manipulation.uses_reward)
         if counts and (
             val_acc > best.best_val_accuracy
             or (val_acc == best.best_val_accuracy and val_loss < best_val_loss)
@@ -403,45 +442,47 @@ def take_step(
     manipulation: Manipulation,
     batch: Batch,
     val_batches: list[Batch],
-    active: bool,
+    reward: bool,
     accelerator,
+    manipulating: bool = True,
 ) -> tuple[float, float | None]:
-    """One training step: the φ step when ``active``, then the θ step.
+    """One training step: the φ step when ``reward``, then the θ step.
 
-    Returns the batch's mean training loss at θ and the reward loss L_val(θ') (None when the
-    manipulation was not active).
+    The θ step trains on the manipulation's loss while ``manipulating`` and on the plain mean
+    loss otherwise (warm-up epochs, and after --manipulate-until).
+
+    Returns the batch's mean training loss at θ and the reward loss L_val(θ') (None without a
+    φ step).
     """
     weights_path = hasattr(manipulation, "lookahead_weights")
     function_path = hasattr(manipulation, "lookahead_function")
-    step = Step(batch, model, twice_differentiable=active and not (weights_path or function_path))
+    step = Step(batch, model, twice_differentiable=reward and not (weights_path or function_path))
     with accelerator.autocast():
         losses = step.example_losses()
 
     # φ step: lookahead on the manipulated batch, reward on the validation set.
     reward_loss = None
-    if active and weights_path:
+    if reward and weights_path:
         coeffs, phi = manipulation.lookahead_weights(step)
         phi_grads, reward_loss = example_reward_gradients(
             model, optimizer, step, coeffs, phi, val_batches, accelerator.autocast
         )
         manipulation.reward_step(step, phi_grads)
-    elif active and function_path:
+    elif reward and function_path:
         loss_at, phi = manipulation.lookahead_function(step)
         phi_grads, reward_loss = function_reward_gradients(
             model, optimizer, loss_at, phi, val_batches, accelerator.autocast
         )
         manipulation.reward_step(step, phi_grads)
-    elif active:
+    elif reward:
         lookahead_loss, phi = manipulation.lookahead_loss(step)
         phi_grads, reward_loss = reward_gradients(
             model, optimizer, lookahead_loss, phi, val_batches, accelerator.autocast
         )
         manipulation.reward_step(step, phi_grads)
 
-    # θ step: the real optimiser step on the batch with the updated φ; warm-up epochs of a
-    # reward-learning manipulation train plainly.
-    plain = manipulation.uses_reward and not active
-    loss = losses.mean() if plain else manipulation.train_loss(step)
+    # θ step: the real optimiser step on the batch with the updated φ.
+    loss = manipulation.train_loss(step) if manipulating else losses.mean()
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
     optimizer.step()

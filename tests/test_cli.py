@@ -90,6 +90,26 @@ def test_weight_end_to_end(tiny_mirror, tiny_model, tmp_path):
     assert (out / "model" / "model.safetensors").is_file()
 
 
+def test_budget_knobs_end_to_end(tiny_mirror, tiny_model, tmp_path):
+    """--reward-every, --val-batch-size and --manipulate-until reach the loop and the config."""
+    out = tmp_path / "run"
+    flags = ("--reward-every", "2", "--val-batch-size", "3", "--manipulate-until", "0.5")
+    result = invoke(tiny_args(tiny_mirror, tiny_model, out, *flags))
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["reward_every"], config["val_batch_size"], config["manipulate_until"]) == (
+        2,
+        3,
+        0.5,
+    )
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [x for x in lines if x["kind"] == "epoch"]
+    # 50 examples in batches of 10: 5 steps per epoch, 10 in all; the first 5 manipulated,
+    # reward steps at manipulated steps 0, 2, 4.
+    assert [x["reward_steps"] for x in epochs] == [3, 0]
+    assert [x["manipulated"] for x in epochs] == [True, False]
+
+
 def test_same_seeds_same_run(tiny_mirror, tiny_model, tmp_path):
     runs = []
     for name in ("a", "b"):
@@ -299,6 +319,10 @@ def test_bf16_mixed_precision_runs(tiny_mirror, tiny_model, tmp_path):
         (["--max-length", "1"], ["--max-length"]),
         (["--epochs", "0"], ["--epochs"]),
         (["--mixed-precision", "fp16"], ["fp16", "bf16"]),
+        (["--reward-every", "0"], ["--reward-every"]),
+        (["--val-batch-size", "0"], ["--val-batch-size"]),
+        (["--manipulate-until", "0"], ["--manipulate-until", "(0, 1]"]),
+        (["--manipulate-until", "1.5"], ["--manipulate-until"]),
     ],
 )
 def test_bad_numbers(flags, words, tiny_mirror, tiny_model, tmp_path):

@@ -69,3 +69,107 @@ def test_warmup_epochs_train_plainly_and_do_not_count_as_best():
     assert result.best_epoch == 2  # the only epoch with the manipulation on
     assert "reward_loss" not in records[0] and "reward_loss" in records[-2]
     assert not torch.allclose(manipulation.weights, torch.ones(16))  # moved in epoch 2 only
+
+
+def run_weighting(config: TrainConfig, manipulation=None, on_epoch_end=None):
+    """Learned weighting on tiny data with ``config``; returns (manipulation, epoch records)."""
+    train_data, val_data = tiny_split(16, 1), tiny_split(6, 2)
+    model = tiny_classifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    manipulation = manipulation or LearnedWeighting(train_data.labels, 2, w_init=1.0)
+    records = []
+    train(
+        model,
+        opt,
+        manipulation,
+        train_data,
+        val_data,
+        config,
+        Accelerator(cpu=True),
+        metrics=records.append,
+        on_epoch_end=on_epoch_end,
+    )
+    return manipulation, [r for r in records if r["kind"] == "epoch"]
+
+
+def test_reward_every_k_updates_only_the_weights_of_reward_steps():
+    # 16 examples in batches of 4: steps 0-3 per epoch; with k = 3, reward steps 0, 3, 6.
+    config = TrainConfig(epochs=2, batch_size=4, seed=0, log_every=1, reward_every=3)
+    manipulation, epochs = run_weighting(config)
+    assert [r["reward_steps"] for r in epochs] == [2, 1]
+    rewarded = torch.cat(
+        [epoch_order(16, 0, 0).split(4)[0], epoch_order(16, 0, 0).split(4)[3]]
+        + [epoch_order(16, 0, 1).split(4)[2]]
+    )
+    moved = (manipulation.weights != 1.0).nonzero().flatten()
+    assert set(moved.tolist()) <= set(rewarded.tolist())
+    # w_decay 5 moves every rewarded weight (1 / 5 − grad, never 1 again).
+    assert set(moved.tolist()) == set(rewarded.tolist())
+
+
+def test_manipulate_until_trains_plainly_after_the_fraction():
+    snapshots = []
+    manipulation = LearnedWeighting(tiny_split(16, 1).labels, 2, w_init=1.0)
+    config = TrainConfig(epochs=2, batch_size=8, seed=0, log_every=1, manipulate_until=0.5)
+    _, epochs = run_weighting(
+        config, manipulation, on_epoch_end=lambda e: snapshots.append(manipulation.weights.clone())
+    )
+    assert [r["manipulated"] for r in epochs] == [True, False]
+    assert [r["reward_steps"] for r in epochs] == [2, 0]
+    assert torch.equal(snapshots[0], snapshots[1])  # no weight moved in the plain half
+
+
+def test_plain_half_after_manipulate_until_equals_plain_training():
+    """After the cut-off the θ step is the plain mean loss: proportion weighting that stops
+    after epoch 0 ends where proportion for epoch 0 and plain training for epoch 1 end."""
+    from datamanip.manipulations import ProportionWeighting
+
+    train_data, val_data = tiny_split(16, 1), tiny_split(6, 2)
+    final = []
+    for until in (0.5, None):
+        model = tiny_classifier()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        accelerator = Accelerator(cpu=True)
+        if until is not None:
+            config = TrainConfig(epochs=2, batch_size=8, seed=0, manipulate_until=until)
+            manipulation = ProportionWeighting(train_data.labels, 2)
+            train(model, opt, manipulation, train_data, val_data, config, accelerator)
+        else:
+            for epoch, m in enumerate(
+                (ProportionWeighting(train_data.labels, 2), NoManipulation(train_data.labels, 2))
+            ):
+                for positions in epoch_order(16, 0, epoch).split(8):
+                    batch = train_data.batch(positions)
+                    take_step(model, opt, m, batch, [], False, accelerator)
+        final.append(dict(model.named_parameters()))
+    for name, a in final[0].items():
+        torch.testing.assert_close(a, final[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_val_batch_size_draws_distinct_validation_subsets():
+    from datamanip.engine import reward_validation
+
+    val_data = tiny_split(10, 3)
+    full = [val_data.batch(torch.arange(10))]
+    generator = torch.Generator().manual_seed(0)
+    draws = [reward_validation(val_data, full, 4, generator, "cpu") for _ in range(5)]
+    for batches in draws:
+        assert len(batches) == 1 and len(batches[0].labels) == 4
+        assert len(set(batches[0].positions.tolist())) == 4
+    assert len({tuple(b[0].positions.tolist()) for b in draws}) > 1  # fresh subsets
+    assert reward_validation(val_data, full, None, generator, "cpu") is full
+    assert reward_validation(val_data, full, 10, generator, "cpu") is full
+
+
+def test_ren_trains_plainly_on_a_step_without_its_reward_step():
+    from datamanip.manipulations import RenWeighting
+    from datamanip.manipulations.base import Step
+
+    data = tiny_split(8, 1)
+    model = tiny_classifier()
+    ren = RenWeighting(data.labels, 2)
+    first = Step(data.batch(torch.arange(4)), model)
+    ren.reward_step(first, [torch.tensor([-1.0, 0.0, 0.0, 0.0])])
+    assert torch.allclose(ren.train_loss(first), first.example_losses()[0])
+    second = Step(data.batch(torch.arange(4, 8)), model)
+    assert torch.allclose(ren.train_loss(second), second.example_losses().mean())

@@ -122,6 +122,7 @@ class RenWeighting(ExampleWeights):
         # The weight each example got when it was last seen.
         super().__init__(labels, num_labels, torch.zeros(len(labels)))
         self._batch_weights: Tensor | None = None
+        self._weighted_step: Step | None = None
 
     def lookahead_weights(self, step: Step) -> tuple[Tensor, list[Tensor]]:
         losses = step.example_losses()
@@ -130,11 +131,14 @@ class RenWeighting(ExampleWeights):
 
     def reward_step(self, step: Step, grads: list[Tensor]) -> None:
         self._batch_weights = linear_normalise(-grads[0].detach().float())
+        self._weighted_step = step
         self.weights[step.batch.positions] = self._batch_weights.cpu()
 
     def train_loss(self, step: Step) -> Tensor:
         losses = step.example_losses()
-        if self._batch_weights is None:  # warm-up: not yet active
+        # Ren's weights belong to the batch they were derived on: a step without a reward step
+        # (--reward-every k) trains plainly rather than on another batch's weights.
+        if self._weighted_step is not step:
             return losses.mean()
         return (self._batch_weights.to(losses.device) * losses).sum()
 
