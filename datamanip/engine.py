@@ -253,15 +253,20 @@ def directional_derivatives(
     eps = difference_scale(params, directions)
     if eps == 0.0:
         return torch.zeros_like(step.example_losses())
+    # One buffer serves both points: θ + εu, then moved in place to θ − εu.
+    shifted = [torch.add(p.detach(), u, alpha=eps) for p, u in zip(params, directions)]
     shifted_losses = []
     for sign in (1.0, -1.0):
-        shifted = {n: p.detach() + (sign * eps) * u for n, p, u in zip(names, params, directions)}
+        if sign < 0:
+            torch._foreach_add_(shifted, directions, alpha=-2 * eps)
         with restore_rng(step.rng_state):  # the same dropout masks as the training forward
-            logits = functional_call(model, shifted, args=(), kwargs=step.batch.inputs).logits
-        del shifted
-        labels = step.batch.labels
+            logits = functional_call(
+                model, dict(zip(names, shifted)), args=(), kwargs=step.batch.inputs
+            ).logits
         shifted_losses.append(
-            nn.functional.cross_entropy(at_least_float32(logits).double(), labels, reduction="none")
+            nn.functional.cross_entropy(
+                at_least_float32(logits).double(), step.batch.labels, reduction="none"
+            )
         )
     return (shifted_losses[0] - shifted_losses[1]) / (2 * eps)
 

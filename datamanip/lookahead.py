@@ -93,18 +93,20 @@ def _adam(param: Tensor, grad: Tensor, state: dict, group: dict, decoupled: bool
     bias1 = 1 - beta1**step
     bias2_sqrt = (1 - beta2**step) ** 0.5
 
-    # The same operations as torch's single-tensor AdamW, on fresh tensors, fewest temporaries.
+    # P first, in one buffer: with d = √v̂ + ε the step is −lr/bias1 · m/d and P = ∂Δ/∂g =
+    # −lr (1 − β1) / (bias1 d); written as b2/(√v + ε b2) with b2 = √(1 − β2^t), it takes four
+    # in-place passes. Then θ' = θ (1 − lr wd) + P m / (1 − β1), the step torch's AdamW takes.
+    v = torch.mul(exp_avg_sq, beta2).addcmul_(grad, grad, value=1 - beta2)
+    precond = v.sqrt_().add_(eps * bias2_sqrt).reciprocal_()
+    precond.mul_(-lr * (1 - beta1) * bias2_sqrt / bias1)
     m = exp_avg.lerp(grad, 1 - beta1)
-    v = torch.addcmul(exp_avg_sq * beta2, grad, grad, value=1 - beta2)
-    denom = v.sqrt_().div_(bias2_sqrt).add_(eps)
-    base = param * (1 - lr * wd) if (wd and decoupled) else param
-    new = torch.addcdiv(base, m, denom, value=-lr / bias1)
-    del m, v
+    new = param * (1 - lr * wd) if (wd and decoupled) else param.clone()
+    new.addcmul_(precond, m, value=1 / (1 - beta1))
+    del m
 
     # Where the gradient is exactly zero (embedding rows the batch never touched) every
-    # per-example gradient is zero too, and 1/denom can be 1/eps = 1e8: zero P there (SPEC §8).
-    precond = denom.reciprocal_().mul_(-lr * (1 - beta1) / bias1).masked_fill_(grad == 0, 0.0)
-    return new, precond
+    # per-example gradient is zero too, and 1/d can be 1/eps = 1e8: zero P there (SPEC §8).
+    return new, precond.masked_fill_(grad == 0, 0.0)
 
 
 def _sgd(param: Tensor, grad: Tensor, state: dict, group: dict):
