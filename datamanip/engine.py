@@ -43,13 +43,15 @@ def validation_gradient(
 
     The reward is scored without dropout, so that it measures the looked-ahead model, not a
     random sub-network of it. The validation set goes through in chunks of ``chunk`` examples,
-    so that its activations stay small beside the training batch's (the gradient is the same).
+    so that its activations stay small beside the training batch's (the gradient is the same);
+    each chunk's backward adds into the leaves' ``.grad`` one parameter at a time, so no second
+    full-size gradient is ever held.
     """
     leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
     was_training = model.training
     model.eval()
     total = sum(len(b.labels) for b in val)
-    loss_sum, grads = 0.0, None
+    loss_sum = 0.0
     try:
         for batch in val:
             for rows in torch.arange(len(batch.labels)).split(chunk):
@@ -62,13 +64,11 @@ def validation_gradient(
                     )
                     / total
                 )
-                parts = torch.autograd.grad(
-                    loss, list(leaves.values()), allow_unused=True, materialize_grads=True
-                )
-                grads = list(parts) if grads is None else [g.add_(p) for g, p in zip(grads, parts)]
+                loss.backward()
                 loss_sum += loss.item()
     finally:
         model.train(was_training)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in leaves.values()]
     return loss_sum, grads
 
 
