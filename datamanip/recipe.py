@@ -7,6 +7,8 @@ A recipe has one shape::
     methods: [none, ren, weighting]   # what `datamanip run` runs when --methods is not given
     per_method:                       # optional: settings that differ between methods
       none: {warmup_epochs: 0}
+    sweep:                            # optional: one setting run at each value, every method
+      manipulate_until: [0.25, 0.5, 1.0]
     dataset: sst2                     # every other key is a setting of the command's config
     imbalance: 0.05
     ...
@@ -32,7 +34,7 @@ import yaml
 from datamanip.config import AUGMENT_METHODS, METHODS, RunConfig
 from datamanip.errors import DatamanipError
 
-RECIPE_KEYS = ("command", "methods", "per_method")
+RECIPE_KEYS = ("command", "methods", "per_method", "sweep")
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,18 @@ class Recipe:
     methods: list[str]
     settings: dict
     per_method: dict[str, dict] = field(default_factory=dict)
+    sweep: dict[str, list] = field(default_factory=dict)
     summary: str = ""
+
+    def variants(self) -> list[tuple[str, dict]]:
+        """``(suffix, settings)`` per value of the swept setting: ``("", {})`` without a sweep."""
+        if not self.sweep:
+            return [("", {})]
+        ((key, values),) = self.sweep.items()
+        return [
+            (f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}", {key: value})
+            for value in values
+        ]
 
     def config(self, method: str | None = None, overrides: dict | None = None):
         """The command's config for ``method``: settings, then ``per_method``, then overrides."""
@@ -121,6 +134,15 @@ def read_recipe(name_or_path: str) -> Recipe:
     default_method = values.get("method", known[0])
     methods = values.pop("methods", [default_method])
     per_method = values.pop("per_method", None) or {}
+    sweep = values.pop("sweep", None) or {}
+    if (
+        not isinstance(sweep, dict)
+        or len(sweep) > 1
+        or not all(isinstance(v, list) and v for v in sweep.values())
+    ):
+        raise DatamanipError(
+            f"{path.name}: sweep maps one setting to its values, e.g. manipulate_until: [0.5, 1.0]"
+        )
     check_methods(methods, known, path.name)
     if not isinstance(per_method, dict) or not all(
         isinstance(v, dict) for v in per_method.values()
@@ -137,10 +159,12 @@ def read_recipe(name_or_path: str) -> Recipe:
         methods=list(methods),
         settings=values,
         per_method=per_method,
+        sweep=sweep,
         summary=_summary_line(path),
     )
     for method in [*recipe.methods, *per_method]:
-        recipe.config(method)  # every key of every method checked now, not after hours
+        for _, swept in recipe.variants():  # every key of every run checked now, not after hours
+            recipe.config(method, swept)
     return recipe
 
 
@@ -250,11 +274,12 @@ def run_recipe(
     output_dir: str | None = None,
     progress_factory=None,
 ) -> dict:
-    """Runs each method of ``recipe`` (over ``seeds``) into ``OUTPUT_DIR/METHOD``.
+    """Runs each method of ``recipe`` (over ``seeds``) into ``OUTPUT_DIR/METHOD``, or with a
+    ``sweep`` each method at each value into ``OUTPUT_DIR/METHOD/KEY=VALUE``.
 
     Every run directory gets the resolved config of its run (``config.yaml``); the root gets
     ``recipe.yaml`` (the recipe with the overrides) and ``summary.json`` (test accuracy per
-    method, mean ± std over seeds), rewritten after every method.
+    method and swept value, mean ± std over seeds), rewritten after every run.
     """
     overrides = dict(overrides or {})
     methods = methods or recipe.methods
@@ -263,20 +288,25 @@ def run_recipe(
         overrides["seeds"] = seeds
     root = Path(output_dir or overrides.pop("output_dir", None) or default_root(recipe))
     overrides.pop("output_dir", None)
-    configs = {m: recipe.config(m, overrides) for m in methods}  # all checked before any runs
+    configs = {  # all checked before any runs
+        (m, suffix): recipe.config(m, swept | overrides)
+        for m in methods
+        for suffix, swept in recipe.variants()
+    }
 
     root.mkdir(parents=True, exist_ok=True)
     written = {"command": recipe.command, "methods": methods, "recipe": str(recipe.path)}
     written |= {"settings": recipe.settings | overrides, "per_method": recipe.per_method}
+    written |= {"sweep": recipe.sweep} if recipe.sweep else {}
     (root / "recipe.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
     module, name = COMMANDS[recipe.command].runner.split(":")
     runner = getattr(importlib.import_module(module), name)
 
     summary = {"recipe": recipe.name, "methods": {}}
-    for method, config in configs.items():
-        config = dataclasses.replace(config, output_dir=str(root / method))
+    for (method, suffix), config in configs.items():
+        config = dataclasses.replace(config, output_dir=str(root / method / suffix))
         outcome = runner(config, progress_factory=progress_factory)
-        summary["methods"][method] = _method_summary(outcome)
+        summary["methods"][f"{method} {suffix}".strip()] = _method_summary(outcome)
         (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["output_dir"] = str(root)
     return summary

@@ -103,6 +103,13 @@ def setting_of(config: dict) -> tuple[str, str]:
         setting = "full"
     if config.get("label_noise"):
         setting += f", label noise {config['label_noise']:g}"
+    # The budget knobs away from their defaults change the run: they name the setting too.
+    if config.get("manipulate_until", 1.0) != 1.0:
+        setting += f", manipulate until {config['manipulate_until']:g}"
+    if config.get("reward_every", 1) != 1:
+        setting += f", reward every {config['reward_every']}"
+    if config.get("val_batch_size") is not None:
+        setting += f", validation batch {config['val_batch_size']}"
     return dataset, setting
 
 

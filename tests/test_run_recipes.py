@@ -117,6 +117,48 @@ def test_run_writes_resolved_config_per_method(tiny_mirror, tmp_path):
     assert written["settings"]["w_decay"] == 3 and written["methods"] == ["none", "proportion"]
 
 
+def test_run_sweeps_one_setting_for_every_method(tiny_mirror, tmp_path):
+    model = save_tiny_text_model(tmp_path / "tiny")
+    recipe = tmp_path / "sweep.yaml"
+    recipe.write_text(
+        "# datamanip run sweep.yaml\ncommand: weight\nmethods: [none, weighting]\n"
+        "sweep:\n  manipulate_until: [0.5, 1.0]\n"
+        f"dataset: sst2\ndata_dir: {tiny_mirror}\nmodel: {model}\n"
+        "imbalance: 0.25\nmajority_size: 40\nval_per_class: 4\nepochs: 2\nbatch_size: 10\n"
+    )
+    out = tmp_path / "runs"
+    result = runner.invoke(app, ["run", str(recipe), "--output-dir", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    for method in ("none", "weighting"):
+        for value in (0.5, 1.0):
+            run = out / method / f"manipulate_until={value:g}"
+            config = yaml.safe_load((run / "config.yaml").read_text())
+            assert config["manipulate_until"] == value and config["method"] == method
+            epochs = [
+                json.loads(line)
+                for line in (run / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "epoch"
+            ]
+            assert [e["manipulated"] for e in epochs] == [True, value == 1.0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {
+        "none manipulate_until=0.5",
+        "none manipulate_until=1",
+        "weighting manipulate_until=0.5",
+        "weighting manipulate_until=1",
+    }
+
+
+@pytest.mark.parametrize(
+    "sweep", ["sweep: [0.5]\n", "sweep:\n  epochs: [1]\n  lr: [1.0e-3]\n", "sweep:\n  epoch: [1]\n"]
+)
+def test_bad_sweeps(sweep, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"# datamanip run bad.yaml\ncommand: weight\n{sweep}")
+    with pytest.raises(DatamanipError, match="sweep|unknown key 'epoch'"):
+        read_recipe(str(recipe))
+
+
 def test_run_errors_are_one_line(tmp_path):
     for args, message in [
         (["run", "sst2_imbalance_0.05", "epoch=3"], "unknown key 'epoch'"),
