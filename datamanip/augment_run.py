@@ -25,7 +25,7 @@ from datamanip.augmenter import (
 )
 from datamanip.config import RunConfig, resolve
 from datamanip.data import Subsets
-from datamanip.engine import TrainConfig, predict, train
+from datamanip.engine import predict, train
 from datamanip.errors import DatamanipError
 from datamanip.experiment import (
     build_optimizer,
@@ -33,6 +33,7 @@ from datamanip.experiment import (
     load_subsets,
     summarise,
     test_metrics,
+    train_settings,
 )
 from datamanip.manipulations import NoManipulation
 from datamanip.manipulations.text_augment import TextAugmentation
@@ -238,16 +239,7 @@ def run_one_augmentation(
             for record in sample_records(augmentation, train_enc, tokenizer, shown, accelerator):
                 rundir.append_jsonl("samples.jsonl", record | {"epoch": epoch})
 
-    train_config = TrainConfig(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        warmup_epochs=config.warmup_epochs,
-        seed=config.seed,
-        log_every=config.log_every,
-        reward_every=config.reward_every,
-        val_batch_size=config.val_batch_size,
-        manipulate_until=config.manipulate_until,
-    )
+    train_config = train_settings(config)
     progress = progress_factory(config) if progress_factory else None
     result = train(
         model,

@@ -132,6 +132,20 @@ def summarise(config: RunConfig, runs: list[dict]) -> dict:
     }
 
 
+def train_settings(config: RunConfig) -> TrainConfig:
+    """The loop's settings from a resolved run config."""
+    return TrainConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        warmup_epochs=config.warmup_epochs,
+        seed=config.seed,
+        log_every=config.log_every,
+        reward_every=config.reward_every,
+        val_batch_size=config.val_batch_size,
+        manipulate_until=config.manipulate_until,
+    )
+
+
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with L2 0.01 on weights and none on biases and LayerNorm (SPEC §5)."""
     decay, no_decay = [], []
@@ -198,16 +212,7 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
     model, optimizer = accelerator.prepare(model, optimizer)
     manipulation = make_manipulation(config, train_enc.labels, num_labels)
 
-    train_config = TrainConfig(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        warmup_epochs=config.warmup_epochs,
-        seed=config.seed,
-        log_every=config.log_every,
-        reward_every=config.reward_every,
-        val_batch_size=config.val_batch_size,
-        manipulate_until=config.manipulate_until,
-    )
+    train_config = train_settings(config)
     progress = progress_factory(config) if progress_factory else None
     result = train(
         model,

@@ -47,38 +47,14 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
     assert sorted(epoch_order(50, 3, 1).tolist()) == list(range(50))
 
 
-def test_warmup_epochs_train_plainly_and_do_not_count_as_best():
-    train_data, val_data = tiny_split(16, 1), tiny_split(6, 2)
-    model = tiny_classifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    manipulation = LearnedWeighting(train_data.labels, 2, w_init=1.0)
-    records = []
-    config = TrainConfig(epochs=3, batch_size=8, warmup_epochs=2, seed=0, log_every=1)
-    result = train(
-        model,
-        opt,
-        manipulation,
-        train_data,
-        val_data,
-        config,
-        Accelerator(cpu=True),
-        metrics=records.append,
-    )
-    epochs = [r for r in records if r["kind"] == "epoch"]
-    assert [r["manipulated"] for r in epochs] == [False, False, True]
-    assert result.best_epoch == 2  # the only epoch with the manipulation on
-    assert "reward_loss" not in records[0] and "reward_loss" in records[-2]
-    assert not torch.allclose(manipulation.weights, torch.ones(16))  # moved in epoch 2 only
-
-
 def run_weighting(config: TrainConfig, manipulation=None, on_epoch_end=None):
-    """Learned weighting on tiny data with ``config``; returns (manipulation, epoch records)."""
+    """Learned weighting on tiny data with ``config``: (manipulation, log records, result)."""
     train_data, val_data = tiny_split(16, 1), tiny_split(6, 2)
     model = tiny_classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     manipulation = manipulation or LearnedWeighting(train_data.labels, 2, w_init=1.0)
     records = []
-    train(
+    result = train(
         model,
         opt,
         manipulation,
@@ -89,13 +65,24 @@ def run_weighting(config: TrainConfig, manipulation=None, on_epoch_end=None):
         metrics=records.append,
         on_epoch_end=on_epoch_end,
     )
-    return manipulation, [r for r in records if r["kind"] == "epoch"]
+    return manipulation, records, result
+
+
+def test_warmup_epochs_train_plainly_and_do_not_count_as_best():
+    config = TrainConfig(epochs=3, batch_size=8, warmup_epochs=2, seed=0, log_every=1)
+    manipulation, records, result = run_weighting(config)
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["manipulated"] for r in epochs] == [False, False, True]
+    assert result.best_epoch == 2  # the only epoch with the manipulation on
+    assert "reward_loss" not in records[0] and "reward_loss" in records[-2]
+    assert not torch.allclose(manipulation.weights, torch.ones(16))  # moved in epoch 2 only
 
 
 def test_reward_every_k_updates_only_the_weights_of_reward_steps():
     # 16 examples in batches of 4: steps 0-3 per epoch; with k = 3, reward steps 0, 3, 6.
     config = TrainConfig(epochs=2, batch_size=4, seed=0, log_every=1, reward_every=3)
-    manipulation, epochs = run_weighting(config)
+    manipulation, records, _ = run_weighting(config)
+    epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["reward_steps"] for r in epochs] == [2, 1]
     rewarded = torch.cat(
         [epoch_order(16, 0, 0).split(4)[0], epoch_order(16, 0, 0).split(4)[3]]
@@ -111,9 +98,10 @@ def test_manipulate_until_trains_plainly_after_the_fraction():
     snapshots = []
     manipulation = LearnedWeighting(tiny_split(16, 1).labels, 2, w_init=1.0)
     config = TrainConfig(epochs=2, batch_size=8, seed=0, log_every=1, manipulate_until=0.5)
-    _, epochs = run_weighting(
+    _, records, _ = run_weighting(
         config, manipulation, on_epoch_end=lambda e: snapshots.append(manipulation.weights.clone())
     )
+    epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["manipulated"] for r in epochs] == [True, False]
     assert [r["reward_steps"] for r in epochs] == [2, 0]
     assert torch.equal(snapshots[0], snapshots[1])  # no weight moved in the plain half
