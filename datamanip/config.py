@@ -62,6 +62,9 @@ class RunConfig:
     mixed_precision: str = "no"
     log_every: int = 10
     log_with: list[str] | None = None
+    log_dir: str | None = None  # every process logs to LOG_DIR/process_RANK.log
+    save_every: int = 0  # steps between checkpoints (0: at each epoch end only)
+    resume: bool = False
     # run directory
     output_dir: str | None = None
     overwrite: bool = False
@@ -154,6 +157,10 @@ def resolve(config: RunConfig) -> RunConfig:
         "mlm_epochs": 1,
         "mlm_batch_size": 1,
     }
+    if config.save_every < 0:
+        raise DatamanipError(
+            f"--save-every must be ≥ 0 (0: each epoch end), got {config.save_every}"
+        )
     for name, least in minimum.items():
         if getattr(config, name) < least:
             raise DatamanipError(f"--{name.replace('_', '-')} must be at least {least}")
