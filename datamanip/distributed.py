@@ -173,6 +173,14 @@ def make_accelerator(mixed_precision: str, **options):
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, **options
     )
+    asked = cpu_launch_processes()
+    if asked and asked > 1 and accelerator.num_processes == 1:
+        raise DatamanipError(
+            f"accelerate launch --cpu --num_processes {asked} started one process (Accelerate's "
+            "multi-CPU launch wants mpirun); on CPUs launch with accelerate launch --multi_gpu "
+            f"--num_processes {asked} -m datamanip ... or torchrun --nproc_per_node {asked} "
+            "-m datamanip ..."
+        )
     launched = launched_processes()
     if launched > 1 and accelerator.num_processes != launched:
         raise DatamanipError(
@@ -186,6 +194,33 @@ def make_accelerator(mixed_precision: str, **options):
         if not accelerator.is_main_process:
             quiet_other_processes()
     return accelerator
+
+
+def cpu_launch_processes() -> int | None:
+    """The ``--num_processes`` of an ``accelerate launch --cpu`` that started this process.
+
+    That launch starts one process whatever the number asked and leaves no trace of it in the
+    environment, so the launcher's command line (the parent process's, on Linux) is read; None
+    when it cannot be known.
+    """
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or (
+        "WORLD_SIZE" in os.environ
+    ):
+        return None
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--num_processes="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--num_processes" and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        return int(value) if value.isdigit() else None
+    return None
 
 
 _registered = False

@@ -566,4 +566,6 @@ def accuracy_and_loss(model: nn.Module, batches: list[Batch]) -> tuple[float, fl
         loss += nn.functional.cross_entropy(logits, batch.labels, reduction="sum").item()
         total += len(batch.labels)
     model.train(was_training)
+    # With several processes each scored its shard of the validation set.
+    correct, loss, total = (distributed.sum_scalar(x) for x in (correct, loss, total))
     return correct / total, loss / total
