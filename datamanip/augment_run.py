@@ -221,7 +221,8 @@ def run_one_augmentation(
     started = time.perf_counter()
     accelerator = distributed.make_accelerator(config.mixed_precision)
     main = accelerator.is_main_process
-    resume = should_resume(Path(config.output_dir), config.resume, config.overwrite)
+    settings = config.to_dict() | distributed.batch_record(config.batch_size)
+    resume = should_resume(Path(config.output_dir), config.resume, config.overwrite, settings)
     rundir = RunDir(
         config.output_dir, overwrite=config.overwrite, keep=keep, resume=resume, main=main
     )

@@ -192,9 +192,10 @@ class Checkpoints:
                 self.folder.rmdir()
 
 
-def should_resume(run_path: Path, resume: bool, overwrite: bool) -> bool:
+def should_resume(run_path: Path, resume: bool, overwrite: bool, config: dict) -> bool:
     """Whether a run continues the one in ``run_path``: with ``--resume``, or when the same
-    command meets an unfinished run there (checkpoints, no results.json)."""
+    command meets an unfinished run there (checkpoints, no results.json). Before anything is
+    loaded, the newest checkpoint must match ``config`` (the resolved settings) and be intact."""
     run_path = Path(run_path)
     found = latest(run_path / FOLDER)
     finished = (run_path / "results.json").exists()
@@ -210,6 +211,8 @@ def should_resume(run_path: Path, resume: bool, overwrite: bool) -> bool:
             f"no checkpoint in {run_path / FOLDER} to resume from; run without --resume"
         )
     if found is not None and not finished:
+        check_config(found, json.loads(json.dumps(config)))
+        verified(found)
         logger.info("continuing the unfinished run in %s", run_path)
         return True
     return False

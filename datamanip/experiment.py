@@ -196,7 +196,8 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
         **tracking.accelerator_options(config.log_with, Path(config.output_dir)),
     )
     main = accelerator.is_main_process
-    resume = should_resume(Path(config.output_dir), config.resume, config.overwrite)
+    settings = config.to_dict() | distributed.batch_record(config.batch_size)
+    resume = should_resume(Path(config.output_dir), config.resume, config.overwrite, settings)
     rundir = RunDir(config.output_dir, overwrite=config.overwrite, resume=resume, main=main)
     distributed.barrier()  # every process has checked the run directory before it changes
     set_seed(config.seed)  # also fixes the fresh classification head
@@ -286,7 +287,7 @@ def run_checkpoints(
 ) -> Checkpoints:
     """The run's checkpoints (every ``--save-every`` steps and each epoch end); the loop
     resumes from the newest one, which must have been made with the same settings."""
-    resolved = config.to_dict() | distributed.batch_record(config.batch_size)
+    resolved = config.to_dict() | distributed.batch_record(config.batch_size)  # as should_resume
     return Checkpoints(
         rundir.path / "checkpoints",
         accelerator.unwrap_model(model, keep_fp32_wrapper=False),
