@@ -57,7 +57,8 @@ def run_augmentation(config: RunConfig, progress_factory=None) -> dict:
     result serves every seed and method.
     """
     config = resolve(dataclasses.replace(config, command="augment"))
-    config = dataclasses.replace(config, output_dir=config.output_dir or default_output_dir(config))
+    output_dir = config.output_dir or distributed.same_on_every_process(default_output_dir(config))
+    config = dataclasses.replace(config, output_dir=output_dir)
     subsets, num_labels = load_subsets(config)
     check_classes(subsets, num_labels)
     needs_stage = config.method != "none" and config.augmenter is None

@@ -142,6 +142,19 @@ def batch_record(batch_size: int) -> dict:
     }
 
 
+def same_on_every_process(value):
+    """The main process's ``value`` (a default run directory named by the clock), on every
+    process of a launch; starts the process group if need be."""
+    if launched_processes() == 1:
+        return value
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())
+    shared = [value]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def launched_as_main() -> bool:
     """Whether this is the main process of its launch, known before the process group exists."""
     return os.environ.get("RANK", "0") == "0"
@@ -167,6 +180,15 @@ def make_accelerator(mixed_precision: str, **options):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher != "no" and launcher != mixed_precision:
+        logger.warning(
+            "the launcher asks for mixed precision %s but --mixed-precision is %s, which this "
+            "run uses; pass --mixed-precision %s to datamanip",
+            launcher,
+            mixed_precision,
+            launcher,
+        )
     # One process may run several configs (seeds, tests); Accelerate keeps its state in a
     # singleton, so drop the previous run's mixed-precision state (the process group stays).
     AcceleratorState._reset_state()

@@ -101,7 +101,8 @@ def run_weighting(config: RunConfig, progress_factory=None) -> dict:
     results and the mean ± std of test accuracy.
     """
     config = resolve(config)
-    config = dataclasses.replace(config, output_dir=config.output_dir or default_output_dir(config))
+    output_dir = config.output_dir or distributed.same_on_every_process(default_output_dir(config))
+    config = dataclasses.replace(config, output_dir=output_dir)
     if not config.seeds:
         return run_one(config, *load_subsets(config), progress_factory)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from datamanip import distributed
 from datamanip.config import AUGMENT_METHODS, METHODS, RunConfig
 from datamanip.errors import DatamanipError
 
@@ -261,14 +262,20 @@ def run_recipe(
     check_methods(methods, COMMANDS[recipe.command].methods, "--methods")
     if seeds is not None:
         overrides["seeds"] = seeds
-    root = Path(output_dir or overrides.pop("output_dir", None) or default_root(recipe))
+    root = Path(
+        output_dir
+        or overrides.pop("output_dir", None)
+        or distributed.same_on_every_process(default_root(recipe))
+    )
     overrides.pop("output_dir", None)
     configs = {m: recipe.config(m, overrides) for m in methods}  # all checked before any runs
 
-    root.mkdir(parents=True, exist_ok=True)
+    main = distributed.launched_as_main()  # under a launcher only the main process writes
     written = {"command": recipe.command, "methods": methods, "recipe": str(recipe.path)}
     written |= {"settings": recipe.settings | overrides, "per_method": recipe.per_method}
-    (root / "recipe.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "recipe.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
     module, name = COMMANDS[recipe.command].runner.split(":")
     runner = getattr(importlib.import_module(module), name)
 
@@ -276,8 +283,9 @@ def run_recipe(
     for method, config in configs.items():
         config = dataclasses.replace(config, output_dir=str(root / method))
         outcome = runner(config, progress_factory=progress_factory)
-        summary["methods"][method] = _method_summary(outcome)
-        (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if main:
+            summary["methods"][method] = _method_summary(outcome)
+            (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["output_dir"] = str(root)
     return summary
 
