@@ -129,7 +129,12 @@ def test_two_processes_learn_what_one_does(tiny_mirror, tiny_model_without_dropo
     one, two = tmp_path / "one", tmp_path / "two"
     runs = [
         launch(weight_args(tiny_mirror, tiny_model_without_dropout, one, "--quiet"), 1),
-        launch(weight_args(tiny_mirror, tiny_model_without_dropout, two), 2),
+        launch(
+            weight_args(
+                tiny_mirror, tiny_model_without_dropout, two, "--log-dir", str(tmp_path / "logs")
+            ),
+            2,
+        ),
     ]
     wait(runs[0])
     output = wait(runs[1])
@@ -148,6 +153,9 @@ def test_two_processes_learn_what_one_does(tiny_mirror, tiny_model_without_dropo
     assert output.count("test acc") == 1
     assert "SIGABRT" not in output and "destroy_process_group" not in output
     assert len(pd.read_parquet(two / "weights.parquet")) == 50
+    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert logs == ["process_0.log", "process_1.log"]
+    assert "epoch 3" in (tmp_path / "logs" / "process_1.log").read_text()  # each logs its own
 
 
 def test_two_processes_on_real_sst2(shared_data, tiny_model_without_dropout, tmp_path):
