@@ -113,13 +113,7 @@ def test_killed_run_resumes_to_the_same_end(tiny_mirror, tiny_model, tmp_path):
 
     # The same command again continues from the last checkpoint; here in this process (no
     # second start-up), on one thread like the subprocesses, so the arithmetic is theirs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = CliRunner().invoke(app, run_args(tiny_mirror, tiny_model, killed))
-    finally:
-        torch.set_num_threads(threads)
-    assert result.exit_code == 0, result.output
+    in_one_thread(run_args(tiny_mirror, tiny_model, killed))
     finish(uninterrupted)
 
     # Exactly equal on CPU: the checkpoint holds every state the rest of the run reads.
@@ -177,3 +171,34 @@ def test_resume_without_a_checkpoint_says_so(tiny_mirror, tiny_model, tmp_path):
     )
     assert result.exit_code == 2
     assert "no checkpoint" in result.stderr and "without --resume" in result.stderr
+
+
+def in_one_thread(args):
+    """Runs the CLI in this process on one thread, as the subprocesses run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+
+
+def test_killed_real_sst2_run_resumes_exactly(shared_data, tiny_model, tmp_path):
+    def args(out):
+        # 105 real sentences (5 negative : 100 positive), batch 25: 5 steps an epoch, 2 epochs.
+        return run_args(shared_data, tiny_model, out, "--imbalance", "0.05", "--majority-size",
+                        "100", "--batch-size", "25", "--epochs", "2", "--val-per-class", "10")  # fmt: skip
+
+    killed = tmp_path / "killed"
+    interrupted = start(args(killed))
+    kill_after_checkpoints(interrupted, killed / "checkpoints", 1)
+    assert not (killed / "results.json").exists()
+    in_one_thread(args(killed))  # continues from the checkpoint
+    in_one_thread(args(tmp_path / "whole"))
+
+    a, b = (pd.read_parquet(d / "weights.parquet") for d in (tmp_path / "whole", killed))
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    results = [json.loads((d / "results.json").read_text()) for d in (tmp_path / "whole", killed)]
+    assert results[0]["test_size"] == 1821
+    assert results[0]["test_accuracy"] == results[1]["test_accuracy"]
