@@ -184,3 +184,20 @@ def test_two_processes_on_real_sst2(shared_data, tiny_model_without_dropout, tmp
     weights = pd.read_parquet(out / "weights.parquet")
     assert len(weights) == 210 and weights["id"].is_unique
     assert (weights["weight"] != weights["weight"].iloc[0]).any()  # every shard's weights moved
+
+
+def test_a_cpu_launch_that_starts_one_process_is_refused(
+    tiny_mirror, tiny_model_without_dropout, tmp_path
+):
+    """``accelerate launch --cpu --num_processes 2`` starts one process on a machine without
+    mpirun; the run must say so, not train once while the user expects two processes."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "datamanip",
+               *weight_args(tiny_mirror, tiny_model_without_dropout, tmp_path / "run", "--quiet")]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "error: accelerate launch --cpu --num_processes 2 started one process" in done.stderr
+    assert "torchrun --nproc_per_node 2" in done.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
