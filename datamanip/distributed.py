@@ -103,26 +103,19 @@ def gather(t: Tensor) -> Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
-def gather_objects(obj) -> list:
-    """Every process's ``obj`` (picklable), in rank order, on every process."""
+def gather_objects(obj) -> list | None:
+    """Every process's ``obj`` (picklable), in rank order, on the main process (None on the
+    others)."""
     if world_size() == 1:
         return [obj]
-    out = [None] * world_size()
-    torch.distributed.all_gather_object(out, obj)
+    out = [None] * world_size() if is_main() else None
+    torch.distributed.gather_object(obj, out, dst=0)
     return out
 
 
 def barrier() -> None:
     if world_size() > 1:
         torch.distributed.barrier()
-
-
-def broadcast_parameters(model: torch.nn.Module) -> None:
-    """Every process starts from the main process's parameters."""
-    if world_size() == 1:
-        return
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        torch.distributed.broadcast(tensor.data, src=0)
 
 
 def seed_processes(seed: int) -> None:
