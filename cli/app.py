@@ -29,7 +29,11 @@ def user_errors():
         raise typer.Exit(2) from None
 
 
-def setup_logging(quiet: bool) -> None:
+def setup_logging(quiet: bool, log_dir: str | None = None) -> None:
+    """Terminal logging (INFO, or warnings with ``quiet``); with ``log_dir`` every process also
+    logs to its own file there."""
+    from datamanip import distributed
+
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -37,6 +41,8 @@ def setup_logging(quiet: bool) -> None:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if log_dir:
+        distributed.log_to_file(log_dir)
 
 
 def main() -> None:

@@ -70,13 +70,22 @@ def augment(
         None, help="Run directory (default runs/DATASET-SETUP-METHOD-TIME)."
     ),
     overwrite: bool = typer.Option(False, help="Replace a run already in --output-dir."),
+    save_every: int = typer.Option(
+        0, help="Steps between checkpoints (also at each epoch end; 0: epoch ends only)."
+    ),
+    resume: bool = typer.Option(
+        False, help="Continue the run in --output-dir from its last checkpoint."
+    ),
+    log_dir: str = typer.Option(
+        None, help="Every process also logs to LOG_DIR/process_RANK.log (many processes)."
+    ),
     quiet: bool = typer.Option(False, help="No progress bar, warnings only."),
 ) -> None:
     """Trains a classifier on real plus augmented sentences from a learned masked LM."""
     from datamanip.augment_run import run_augmentation
     from datamanip.config import RunConfig
 
-    setup_logging(quiet)
+    setup_logging(quiet, log_dir)
     console = Console()
     with user_errors():
         config = RunConfig(
@@ -114,9 +123,14 @@ def augment(
             log_every=log_every,
             output_dir=output_dir,
             overwrite=overwrite,
+            save_every=save_every,
+            resume=resume,
+            log_dir=log_dir,
         )
         progress = None if quiet else _progress_factory
         outcome = run_augmentation(config, progress_factory=progress)
+    if not outcome:  # another process than the main one: it prints nothing
+        return
     if outcome.get("finetune_only"):
         console.print(
             f"augmenter fine-tuned: best validation MLM loss {outcome['best_val_mlm_loss']:.4f} "

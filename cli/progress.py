@@ -29,6 +29,10 @@ class RichProgress:
         self._progress.start()
         self._task = self._progress.add_task(self.label, total=epochs * steps_per_epoch, info="")
 
+    def skip(self, steps: int) -> None:
+        """Steps already taken before a resume."""
+        self._progress.update(self._task, advance=steps)
+
     def step(self, epoch: int, step: int, loss: float) -> None:
         info = (
             f"epoch {epoch + 1} step {step}/{self.steps_per_epoch} loss {loss:.4f} "

@@ -33,6 +33,8 @@ def run(
         summary = run_recipe(
             loaded, values, chosen, parse_int_list(seeds, "--seeds"), output_dir, progress
         )
+    if not summary["methods"]:  # another process than the main one: it prints nothing
+        return
     table = Table(title=f"{loaded.name}: test accuracy (%) in {summary['output_dir']}")
     for column in ("method", "seeds", "mean ± std", "per seed"):
         table.add_column(column)

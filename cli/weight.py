@@ -95,13 +95,22 @@ def weight(
         None, help="Run directory (default runs/DATASET-SETUP-METHOD-TIME)."
     ),
     overwrite: bool = typer.Option(False, help="Replace a run already in --output-dir."),
+    save_every: int = typer.Option(
+        0, help="Steps between checkpoints (also at each epoch end; 0: epoch ends only)."
+    ),
+    resume: bool = typer.Option(
+        False, help="Continue the run in --output-dir from its last checkpoint."
+    ),
+    log_dir: str = typer.Option(
+        None, help="Every process also logs to LOG_DIR/process_RANK.log (many processes)."
+    ),
     quiet: bool = typer.Option(False, help="No progress bar, warnings only."),
 ) -> None:
     """Trains a classifier while learning a weight for every training example."""
     from datamanip.config import RunConfig
     from datamanip.experiment import run_weighting
 
-    setup_logging(quiet)
+    setup_logging(quiet, log_dir)
     console = Console()
     with user_errors():
         config = RunConfig(
@@ -139,10 +148,14 @@ def weight(
             log_with=log_with.split(",") if log_with else None,
             output_dir=output_dir,
             overwrite=overwrite,
+            save_every=save_every,
+            resume=resume,
+            log_dir=log_dir,
         )
         progress = None if quiet else _progress_factory
         outcome = run_weighting(config, progress_factory=progress)
-    show(console, outcome)
+    if outcome:  # the main process's; the others print nothing
+        show(console, outcome)
 
 
 def _progress_factory(config):

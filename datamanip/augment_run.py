@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datamanip import distributed
 from datamanip.augmenter import (
     check_vocabularies,
     finetune_augmenter,
@@ -23,6 +24,7 @@ from datamanip.augmenter import (
     read_augmenter_info,
     save_augmenter,
 )
+from datamanip.checkpoint import should_resume
 from datamanip.config import RunConfig, resolve
 from datamanip.data import Subsets
 from datamanip.engine import predict, train
@@ -30,7 +32,9 @@ from datamanip.errors import DatamanipError
 from datamanip.experiment import (
     build_optimizer,
     default_output_dir,
+    finished_seed,
     load_subsets,
+    run_checkpoints,
     summarise,
     test_metrics,
     train_settings,
@@ -54,16 +58,27 @@ def run_augmentation(config: RunConfig, progress_factory=None) -> dict:
     result serves every seed and method.
     """
     config = resolve(dataclasses.replace(config, command="augment"))
-    config = dataclasses.replace(config, output_dir=config.output_dir or default_output_dir(config))
+    output_dir = config.output_dir or distributed.same_on_every_process(default_output_dir(config))
+    config = dataclasses.replace(config, output_dir=output_dir)
     subsets, num_labels = load_subsets(config)
     check_classes(subsets, num_labels)
     needs_stage = config.method != "none" and config.augmenter is None
+    if (needs_stage or config.finetune_only) and distributed.launched_processes() > 1:
+        raise DatamanipError(
+            "the augmenter's MLM stage runs in one process: run it first without the launcher "
+            "(--finetune-only), then launch the training with --augmenter RUN/augmenter_finetuned"
+        )
     if config.finetune_only or (needs_stage and not config.seeds):
         return finetune_stage(config, subsets, num_labels, progress_factory)
     if not config.seeds:
         return run_one_augmentation(config, subsets, num_labels, progress_factory)
 
-    root = RunDir(config.output_dir, overwrite=config.overwrite)
+    root = RunDir(
+        config.output_dir,
+        overwrite=config.overwrite,
+        resume=config.resume,
+        main=distributed.launched_as_main(),
+    )
     if needs_stage:
         stage = finetune_stage(
             dataclasses.replace(config, output_dir=str(root.path), overwrite=True, seeds=None),
@@ -76,12 +91,22 @@ def run_augmentation(config: RunConfig, progress_factory=None) -> dict:
     runs = []
     for seed in config.seeds:
         seed_config = dataclasses.replace(
-            config, seed=seed, seeds=None, output_dir=str(root.path / f"seed_{seed}")
+            config,
+            seed=seed,
+            seeds=None,
+            resume=False,  # a started seed continues by itself (its checkpoints)
+            output_dir=str(root.path / f"seed_{seed}"),
         )
-        runs.append(run_one_augmentation(seed_config, subsets, num_labels, progress_factory))
-        summary = summarise(config, runs)
-        root.write_json("summary.json", summary)
-    return summary
+        done = finished_seed(config.resume, seed_config)
+        runs.append(
+            done
+            if done is not None
+            else run_one_augmentation(seed_config, subsets, num_labels, progress_factory)
+        )
+        if runs[-1]:  # the main process's; the others return nothing
+            summary = summarise(config, runs)
+            root.write_json("summary.json", summary)
+    return summary if runs[-1] else {}
 
 
 def check_classes(subsets: Subsets, num_labels: int) -> None:
@@ -193,16 +218,20 @@ def run_one_augmentation(
     config: RunConfig, subsets: Subsets, num_labels: int, progress_factory=None, keep=()
 ) -> dict:
     """One training seed of augmentation: trains, evaluates, writes the run directory."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     started = time.perf_counter()
-    rundir = RunDir(config.output_dir, overwrite=config.overwrite, keep=keep)
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = distributed.make_accelerator(config.mixed_precision)
+    main = accelerator.is_main_process
+    settings = config.to_dict() | distributed.batch_record(config.batch_size)
+    resume = should_resume(Path(config.output_dir), config.resume, config.overwrite, settings)
+    rundir = RunDir(
+        config.output_dir, overwrite=config.overwrite, keep=keep, resume=resume, main=main
+    )
+    distributed.barrier()  # every process has checked the run directory before it changes
     set_seed(config.seed)
     model, tokenizer = load_text_classifier(config.model, num_labels)
+    distributed.seed_processes(config.seed)
     train_enc, val_enc, test_enc, truncated = encode_subsets(tokenizer, subsets, config.max_length)
 
     augmentation = None
@@ -218,19 +247,17 @@ def run_one_augmentation(
             num_samples=config.num_samples,
             tau=config.tau,
             lr=config.augmenter_lr,
-            seed=config.seed,
+            seed=config.seed + 1_000_003 * distributed.rank(),  # each process its own masks
         )
     manipulation = augmentation or NoManipulation(train_enc.labels, num_labels)
 
-    resolved = config.to_dict() | {
-        "num_processes": accelerator.num_processes,
-        "global_batch_size": config.batch_size * accelerator.num_processes,
-        "subsets": subsets.summary,
-    }
+    resolved = config.to_dict() | distributed.batch_record(config.batch_size)
+    resolved["subsets"] = subsets.summary
     rundir.write_config(resolved)
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
+    checkpoints = run_checkpoints(config, rundir, accelerator, model, optimizer, manipulation)
 
     shown = sample_positions(len(train_enc), num_labels, train_enc.labels)
 
@@ -240,7 +267,7 @@ def run_one_augmentation(
                 rundir.append_jsonl("samples.jsonl", record | {"epoch": epoch})
 
     train_config = train_settings(config)
-    progress = progress_factory(config) if progress_factory else None
+    progress = progress_factory(config) if progress_factory and main else None
     result = train(
         model,
         optimizer,
@@ -252,7 +279,11 @@ def run_one_augmentation(
         metrics=rundir.log_metrics,
         progress=progress,
         on_epoch_end=write_samples,
+        checkpoints=checkpoints,
     )
+    if not main:  # the main process evaluates and writes; every process holds the same model
+        distributed.barrier()
+        return {}
     if augmentation is not None:
         rundir.save_model(augmentation.augmenter, tokenizer, "augmenter")
 
@@ -272,7 +303,7 @@ def run_one_augmentation(
         "val_size": len(subsets.val),
         "notes": subsets.notes,
         "truncated": truncated,
-        "num_processes": accelerator.num_processes,
+        **distributed.batch_record(config.batch_size),
         "train_wall_time_s": result.wall_time_s,
         "wall_time_s": time.perf_counter() - started,
         "output_dir": str(rundir.path),
@@ -281,6 +312,8 @@ def run_one_augmentation(
         results |= label_preservation(augmentation, inner, train_enc, accelerator.device)
         results["augmenter"] = config.augmenter
     rundir.write_json("results.json", results)
+    checkpoints.remove()
+    distributed.barrier()
     return results
 
 

@@ -66,6 +66,9 @@ class RunConfig:
     manipulate_until: float = 1.0  # fraction of training steps with the manipulation
     log_every: int = 10
     log_with: list[str] | None = None
+    log_dir: str | None = None  # every process logs to LOG_DIR/process_RANK.log
+    save_every: int = 0  # steps between checkpoints (0: at each epoch end only)
+    resume: bool = False
     # run directory
     output_dir: str | None = None
     overwrite: bool = False
@@ -165,6 +168,10 @@ def resolve(config: RunConfig) -> RunConfig:
         "reward_every": 1,
         "val_batch_size": 1,
     }
+    if config.save_every < 0:
+        raise DatamanipError(
+            f"--save-every must be ≥ 0 (0: each epoch end), got {config.save_every}"
+        )
     for name, least in minimum.items():
         if getattr(config, name) is not None and getattr(config, name) < least:
             raise DatamanipError(f"--{name.replace('_', '-')} must be at least {least}")

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from datamanip import distributed
 from datamanip.errors import DatamanipError
 from datamanip.lookahead import lookahead
 from datamanip.manipulations.base import (
@@ -45,12 +46,14 @@ def validation_gradient(
     random sub-network of it. The validation set goes through in chunks of ``chunk`` examples,
     so that its activations stay small beside the training batch's (the gradient is the same);
     each chunk's backward adds into the leaves' ``.grad`` one parameter at a time, so no second
-    full-size gradient is ever held.
+    full-size gradient is ever held. With several processes each holds a shard of the
+    validation set; the loss and gradient are summed over them (:mod:`datamanip.distributed`),
+    so every process gets the whole set's.
     """
     leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
     was_training = model.training
     model.eval()
-    total = sum(len(b.labels) for b in val)
+    total = int(distributed.sum_scalar(sum(len(b.labels) for b in val)))
     loss_sum = 0.0
     try:
         for batch in val:
@@ -69,7 +72,7 @@ def validation_gradient(
     finally:
         model.train(was_training)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in leaves.values()]
-    return loss_sum, grads
+    return distributed.sum_scalar(loss_sum), distributed.sum_(grads)
 
 
 def reward_gradients(
@@ -104,7 +107,8 @@ def reward_gradients(
     grads = torch.autograd.grad(
         loss, params, create_graph=True, allow_unused=True, materialize_grads=True
     )
-    new_params, precond = lookahead(optimizer, params, [g.detach() for g in grads])
+    batch_grads = distributed.sum_([g.detach().clone() for g in grads])
+    new_params, precond = lookahead(optimizer, params, batch_grads)
     val_loss, val_grads = validation_gradient(model, dict(zip(names, new_params)), val, autocast)
 
     inner = sum(
@@ -113,7 +117,8 @@ def reward_gradients(
     phi_grads = torch.autograd.grad(
         inner, phi, retain_graph=True, allow_unused=True, materialize_grads=True
     )
-    return list(phi_grads), val_loss
+    # φ is shared by the processes here (one tensor, each process's examples add to it).
+    return distributed.sum_(list(phi_grads)), val_loss
 
 
 def example_reward_gradients(
@@ -157,6 +162,7 @@ def example_reward_gradients(
         allow_unused=True,
         materialize_grads=True,
     )
+    distributed.sum_(grads)  # Σ_i c_i ∇ℓ_i over the global batch
     # Hold θ' and P (in the gradients' buffers) through the validation pass; then only u.
     new_params, precond = lookahead(optimizer, params, grads, precond_into_grads=True)
     del grads
@@ -167,6 +173,7 @@ def example_reward_gradients(
     del precond
 
     d = directional_derivatives(model, step, names, params, directions)
+    # Each process's φ are its own examples' coefficients: nothing to reduce.
     phi_grads = torch.autograd.grad(
         (coeffs * d.to(coeffs.dtype)).sum(), phi, allow_unused=True, materialize_grads=True
     )
@@ -204,6 +211,7 @@ def function_reward_gradients(
         loss = loss_at(None)
     grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
     del loss
+    distributed.sum_(grads)
     new_params, precond = lookahead(optimizer, params, grads, precond_into_grads=True)
     del grads
     val_loss, directions = validation_gradient(model, dict(zip(names, new_params)), val, autocast)
@@ -217,7 +225,9 @@ def function_reward_gradients(
     phi_grads = None
     for sign in (1.0, -1.0):
         shifted = {n: p.detach() + (sign * eps) * u for n, p, u in zip(names, params, directions)}
-        with restore_rng(rng), autocast():
+        # No autocast: the two losses differ by about 3e-4 of their size (the shift), below
+        # bf16's resolution (8e-3), so the difference is taken in float32.
+        with restore_rng(rng):
             shifted_loss = loss_at(shifted)
         parts = torch.autograd.grad(
             shifted_loss * (sign / (2 * eps)),
@@ -230,7 +240,7 @@ def function_reward_gradients(
         phi_grads = (
             list(parts) if phi_grads is None else [a.add_(b) for a, b in zip(phi_grads, parts)]
         )
-    return phi_grads, val_loss
+    return distributed.sum_(phi_grads), val_loss  # φ (the augmenter) is shared
 
 
 def difference_scale(params: list[Tensor], directions: list[Tensor]) -> float:
@@ -297,12 +307,48 @@ class TrainResult:
     wall_time_s: float = 0.0
 
 
-def reward_validation(val_data, val_batches: list[Batch], size: int | None, generator, device):
-    """The validation batches one reward step scores on: all of them, or a random ``size``."""
+@dataclass
+class LoopState:
+    """Where the loop stands and what it has kept: all a checkpoint needs besides the model,
+    the optimiser, the manipulation and the RNGs (:mod:`datamanip.checkpoint`)."""
+
+    epoch: int = 0  # the epoch in progress
+    step_in_epoch: int = 0  # its global batches already taken
+    global_step: int = 0
+    seen: int = 0  # examples of the epoch so far (all processes)
+    loss_sum: float = 0.0  # their summed training loss
+    best_epoch: int = -1
+    best_val_accuracy: float = -1.0
+    best_val_loss: float = float("inf")
+    best_state: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    wall_time_s: float = 0.0  # training time before this process started (resumed runs)
+
+
+def step_plan(config: TrainConfig, step: int, steps_per_epoch: int, uses_reward: bool):
+    """``(manipulating, reward)`` of global step ``step``: a pure function of the step, so a
+    resumed run keeps the schedule.
+
+    The manipulation is off in the warm-up epochs of a reward-learning manipulation and after
+    the fraction ``manipulate_until`` of all steps; its reward step runs on every
+    ``reward_every``-th manipulated step.
+    """
+    warmup_steps = config.warmup_epochs * steps_per_epoch if uses_reward else 0
+    manipulated_steps = math.ceil(config.manipulate_until * config.epochs * steps_per_epoch)
+    manipulating = warmup_steps <= step < manipulated_steps
+    reward = uses_reward and manipulating and (step - warmup_steps) % config.reward_every == 0
+    return manipulating, reward
+
+
+def reward_validation(val_data, val_batches: list[Batch], size: int | None, seed: int, device):
+    """The validation batches one reward step scores on: all of them, or a random ``size``
+    drawn from a generator of its own (``seed``), so that the subset leaves the run's dropout
+    masks and data order unchanged. Each process takes its shard of the subset."""
     if size is None or size >= len(val_data):
         return val_batches
-    rows = torch.randperm(len(val_data), generator=generator)[:size]
-    return [val_data.batch(rows.sort().values).to(device)]
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(val_data), generator=generator)[:size].sort().values
+    return [val_data.batch(distributed.shard(rows)).to(device)]
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> Tensor:
@@ -322,8 +368,14 @@ def train(
     metrics=None,
     progress=None,
     on_epoch_end=None,
+    checkpoints=None,
 ) -> TrainResult:
     """Trains ``model`` with ``manipulation``; returns the best-validation-accuracy state.
+
+    With several processes, ``config.batch_size`` is the global batch: every process takes its
+    shard of each batch of :func:`epoch_order` and of the validation set, and the engine sums
+    the first-order quantities over them (:mod:`datamanip.distributed`), so a step is the step
+    one process would take on the whole batch, up to the order of floating-point sums.
 
     Args:
         model, optimizer: as returned by ``accelerator.prepare``.
@@ -336,88 +388,99 @@ def train(
         progress: optional front end with ``start``, ``step``, ``epoch_end`` and ``close``.
         on_epoch_end: optional callable taking the epoch number, called after its validation
             (the run writes the augmenter's samples there).
+        checkpoints: optional :class:`datamanip.checkpoint.Checkpoints`; the loop resumes from
+            its newest checkpoint and saves after steps and at each epoch end.
     """
     device = accelerator.device
-    inner_model = accelerator.unwrap_model(model)
-    val_batches = [val_data.batch(p).to(device) for p in _chunks(len(val_data), 64)]
+    # The lookahead and the reward run on the bare module (SPEC §7), without the autocast
+    # wrapper Accelerate puts on its forward: the engine autocasts where precision allows.
+    inner_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    val_positions = distributed.shard(torch.arange(len(val_data)))
+    val_batches = [val_data.batch(p).to(device) for p in val_positions.split(64)]
+    check_shards(len(train_data), config.batch_size)
     steps_per_epoch = -(-len(train_data) // config.batch_size)
     metrics = metrics or (lambda record: None)
+    state = (checkpoints.restore(LoopState) if checkpoints else None) or LoopState()
     if progress:
         progress.start(config.epochs, steps_per_epoch)
-
-    # Reward steps draw their validation subsets from their own generator, so that
-    # --val-batch-size leaves the dropout masks and data order of the run unchanged.
-    val_generator = torch.Generator().manual_seed(config.seed)
-    manipulated_steps = math.ceil(config.manipulate_until * config.epochs * steps_per_epoch)
+        if state.global_step:  # resumed: the steps taken before
+            progress.skip(state.epoch * steps_per_epoch + state.step_in_epoch)
 
     start = time.perf_counter()
-    best = TrainResult(best_epoch=-1, best_val_accuracy=-1.0, best_state={})
-    best_val_loss = float("inf")
-    global_step, reward_steps = 0, 0
-    for epoch in range(config.epochs):
+    for epoch in range(state.epoch, config.epochs):
         warm = epoch < config.warmup_epochs
-        order = epoch_order(len(train_data), config.seed, epoch)
-        epoch_start, seen, loss_sum = time.perf_counter(), 0, 0.0
-        epoch_rewards, epoch_manipulated = 0, False
+        batches = epoch_order(len(train_data), config.seed, epoch).split(config.batch_size)
+        epoch_start, seen_here = time.perf_counter(), 0
         model.train()
-        for step_in_epoch, positions in enumerate(order.split(config.batch_size)):
+        for step_in_epoch in range(state.step_in_epoch, len(batches)):
+            positions = distributed.shard(batches[step_in_epoch])
             batch = train_data.batch(positions).to(device)
-            # The manipulation is off in the warm-up epochs of a reward-learning manipulation
-            # and after --manipulate-until; its reward step runs every --reward-every-th step.
-            manipulating = global_step < manipulated_steps and not (
-                warm and manipulation.uses_reward
+            total = len(batches[step_in_epoch])
+            manipulating, reward = step_plan(
+                config, state.global_step, steps_per_epoch, manipulation.uses_reward
             )
-            learning = manipulating and manipulation.uses_reward
-            reward = learning and reward_steps % config.reward_every == 0
-            reward_steps += learning
-            epoch_rewards += reward
-            epoch_manipulated |= manipulating
-            val = (
-                reward_validation(
-                    val_data, val_batches, config.val_batch_size, val_generator, device
-                )
-                if reward
-                else val_batches
-            )
+            val = val_batches
+            if reward:
+                seed = config.seed * 1_000_003 + state.global_step
+                val = reward_validation(val_data, val_batches, config.val_batch_size, seed, device)
             loss, reward_loss = take_step(
-                inner_model, optimizer, manipulation, batch, val, reward, accelerator, manipulating
+                inner_model,
+                optimizer,
+                manipulation,
+                batch,
+                val,
+                reward,
+                accelerator,
+                manipulating,
+                total,
             )
             if not math.isfinite(loss):
                 raise DatamanipError(
                     f"the training loss became {loss} at epoch {epoch}, step {step_in_epoch + 1}; "
                     "lower --lr or use --mixed-precision no"
                 )
-            global_step += 1
-            seen += len(positions)
-            loss_sum += loss * len(positions)
+            state.global_step += 1
+            state.step_in_epoch = step_in_epoch + 1
+            state.seen += total
+            state.loss_sum += loss * total
+            seen_here += total
             if progress:
                 progress.step(epoch, step_in_epoch + 1, loss)
-            if global_step % config.log_every == 0:
+            if state.global_step % config.log_every == 0:
                 record = {
                     "kind": "step",
                     "epoch": epoch,
-                    "step": global_step,
-                    "loss": loss_sum / seen,
-                    "examples_per_s": seen / (time.perf_counter() - epoch_start),
+                    "step": state.global_step,
+                    "loss": state.loss_sum / state.seen,
+                    "examples_per_s": seen_here / (time.perf_counter() - epoch_start),
                 }
                 if reward_loss is not None:
                     record["reward_loss"] = reward_loss
                 metrics(record | manipulation.log_values())
+            if checkpoints and state.step_in_epoch < len(batches):  # the epoch end saves below
+                state.wall_time_s += time.perf_counter() - start
+                start = time.perf_counter()
+                checkpoints.step_done(state)
 
         val_acc, val_loss = accuracy_and_loss(inner_model, val_batches)
+        first = epoch * steps_per_epoch
+        plans = [
+            step_plan(config, s, steps_per_epoch, manipulation.uses_reward)
+            for s in range(first, first + steps_per_epoch)
+        ]
         record = {
             "kind": "epoch",
             "epoch": epoch,
-            "step": global_step,
-            "loss": loss_sum / seen,
+            "step": state.global_step,
+            "loss": state.loss_sum / state.seen,
             "val_accuracy": val_acc,
             "val_loss": val_loss,
-            "manipulated": epoch_manipulated,
-            "reward_steps": epoch_rewards,
-            "examples_per_s": seen / (time.perf_counter() - epoch_start),
+            "manipulated": any(plan[0] for plan in plans),
+            "reward_steps": sum(plan[1] for plan in plans),
+            "examples_per_s": seen_here / (time.perf_counter() - epoch_start),
         }
         metrics(record | manipulation.log_values())
-        best.history.append(record)
+        state.history.append(record)
         logger.info("epoch %d: loss %.4f, val accuracy %.4f", epoch, record["loss"], val_acc)
         if progress:
             progress.epoch_end(epoch, val_acc)
@@ -428,17 +491,43 @@ def train(
         # --manipulate-until do: the manipulation shaped the model they start from.
         counts = not (warm and manipulation.uses_reward)
         if counts and (
-            val_acc > best.best_val_accuracy
-            or (val_acc == best.best_val_accuracy and val_loss < best_val_loss)
+            val_acc > state.best_val_accuracy
+            or (val_acc == state.best_val_accuracy and val_loss < state.best_val_loss)
         ):
-            best.best_epoch, best.best_val_accuracy, best_val_loss = epoch, val_acc, val_loss
-            best.best_state = {
+            state.best_epoch, state.best_val_accuracy, state.best_val_loss = (
+                epoch,
+                val_acc,
+                val_loss,
+            )
+            state.best_state = {
                 k: v.detach().to("cpu", copy=True) for k, v in inner_model.state_dict().items()
             }
+        state.epoch, state.step_in_epoch, state.seen, state.loss_sum = epoch + 1, 0, 0, 0.0
+        if checkpoints:
+            state.wall_time_s += time.perf_counter() - start
+            start = time.perf_counter()
+            checkpoints.epoch_done(state)
     if progress:
         progress.close()
-    best.wall_time_s = time.perf_counter() - start
-    return best
+    return TrainResult(
+        best_epoch=state.best_epoch,
+        best_val_accuracy=state.best_val_accuracy,
+        best_state=state.best_state,
+        history=state.history,
+        wall_time_s=state.wall_time_s + time.perf_counter() - start,
+    )
+
+
+def check_shards(num_examples: int, batch_size: int) -> None:
+    """Every process needs at least one example of every global batch, the last one included."""
+    n = distributed.world_size()
+    last = num_examples % batch_size or batch_size
+    if min(batch_size, last) < n:
+        raise DatamanipError(
+            f"a batch of {min(batch_size, last)} examples ({num_examples} examples, --batch-size "
+            f"{batch_size}) cannot be shared by {n} processes; choose a --batch-size whose "
+            f"last batch holds at least {n}"
+        )
 
 
 def take_step(
@@ -450,18 +539,25 @@ def take_step(
     reward: bool,
     accelerator,
     manipulating: bool = True,
+    total: int | None = None,
 ) -> tuple[float, float | None]:
     """One training step: the φ step when ``reward``, then the θ step.
 
     The θ step trains on the manipulation's loss while ``manipulating`` and on the plain mean
-    loss otherwise (warm-up epochs, and after --manipulate-until).
+    loss otherwise (warm-up epochs, and after --manipulate-until). ``batch`` is this process's
+    shard of a global batch of ``total`` examples (None: the batch is the whole of it).
 
-    Returns the batch's mean training loss at θ and the reward loss L_val(θ') (None without a
-    φ step).
+    Returns the global batch's mean training loss at θ and the reward loss L_val(θ') (None
+    without a φ step).
     """
     weights_path = hasattr(manipulation, "lookahead_weights")
     function_path = hasattr(manipulation, "lookahead_function")
-    step = Step(batch, model, twice_differentiable=reward and not (weights_path or function_path))
+    step = Step(
+        batch,
+        model,
+        twice_differentiable=reward and not (weights_path or function_path),
+        total=total or len(batch.labels),
+    )
     with accelerator.autocast():
         losses = step.example_losses()
 
@@ -486,12 +582,14 @@ def take_step(
         )
         manipulation.reward_step(step, phi_grads)
 
-    # θ step: the real optimiser step on the batch with the updated φ.
-    loss = manipulation.train_loss(step) if manipulating else losses.mean()
+    # θ step: the real optimiser step on the batch with the updated φ. Each process's loss is
+    # its share of the global batch's, so the gradients are summed over the processes.
+    loss = manipulation.train_loss(step) if manipulating else step.mean(losses)
     optimizer.zero_grad(set_to_none=True)
     accelerator.backward(loss)
+    distributed.sum_grads(trainable(model)[1])
     optimizer.step()
-    return losses.detach().mean().item(), reward_loss
+    return distributed.sum_scalar(losses.detach().sum().item()) / step.total, reward_loss
 
 
 def _chunks(n: int, size: int) -> list[Tensor]:
@@ -528,4 +626,6 @@ def accuracy_and_loss(model: nn.Module, batches: list[Batch]) -> tuple[float, fl
         loss += nn.functional.cross_entropy(logits, batch.labels, reduction="sum").item()
         total += len(batch.labels)
     model.train(was_training)
+    # With several processes each scored its shard of the validation set.
+    correct, loss, total = (distributed.sum_scalar(x) for x in (correct, loss, total))
     return correct / total, loss / total

@@ -1,6 +1,7 @@
 """Wires a weighting run together: data, subsets, model, manipulation, engine, run directory."""
 
 import dataclasses
+import json
 import logging
 import statistics
 import time
@@ -12,7 +13,8 @@ import pandas as pd
 import torch
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
-from datamanip import tracking
+from datamanip import distributed, tracking
+from datamanip.checkpoint import Checkpoints, should_resume
 from datamanip.config import RunConfig, resolve
 from datamanip.data import Subsets, build_subsets, load_source
 from datamanip.engine import TrainConfig, predict, train
@@ -99,23 +101,48 @@ def run_weighting(config: RunConfig, progress_factory=None) -> dict:
     results and the mean ± std of test accuracy.
     """
     config = resolve(config)
-    config = dataclasses.replace(config, output_dir=config.output_dir or default_output_dir(config))
+    output_dir = config.output_dir or distributed.same_on_every_process(default_output_dir(config))
+    config = dataclasses.replace(config, output_dir=output_dir)
     if not config.seeds:
         return run_one(config, *load_subsets(config), progress_factory)
 
-    root = RunDir(config.output_dir, overwrite=config.overwrite)
+    root = RunDir(
+        config.output_dir,
+        overwrite=config.overwrite,
+        resume=config.resume,
+        main=distributed.launched_as_main(),
+    )
     subsets, num_labels = load_subsets(
         config
     )  # one subset for every seed: only the training seed varies
     runs = []
     for seed in config.seeds:
         seed_config = dataclasses.replace(
-            config, seed=seed, seeds=None, output_dir=str(root.path / f"seed_{seed}")
+            config,
+            seed=seed,
+            seeds=None,
+            resume=False,  # a started seed continues by itself (its checkpoints)
+            output_dir=str(root.path / f"seed_{seed}"),
         )
-        runs.append(run_one(seed_config, subsets, num_labels, progress_factory))
-        summary = summarise(config, runs)
-        root.write_json("summary.json", summary)  # rewritten after every seed: nothing is lost
-    return summary
+        done = finished_seed(config.resume, seed_config)
+        runs.append(
+            done
+            if done is not None
+            else run_one(seed_config, subsets, num_labels, progress_factory)
+        )
+        if runs[-1]:  # the main process's; the others return nothing
+            summary = summarise(config, runs)
+            root.write_json("summary.json", summary)  # rewritten after every seed
+    return summary if runs[-1] else {}
+
+
+def finished_seed(resume: bool, config: RunConfig) -> dict | None:
+    """With --resume, the results of a seed that already finished (None otherwise)."""
+    done = Path(config.output_dir) / "results.json"
+    if resume and done.exists():
+        logger.info("seed %d finished before: %s", config.seed, done)
+        return json.loads(done.read_text()) if distributed.launched_as_main() else {}
+    return None
 
 
 def summarise(config: RunConfig, runs: list[dict]) -> dict:
@@ -176,21 +203,21 @@ def make_manipulation(config: RunConfig, labels: torch.Tensor, num_labels: int):
 
 def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_factory=None) -> dict:
     """One training seed: trains, evaluates the best-validation epoch, writes the run directory."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     started = time.perf_counter()
-    rundir = RunDir(config.output_dir, overwrite=config.overwrite)
-    # One process may run several configs (seeds, tests); accelerate keeps its state in a
-    # singleton, so drop the previous run's mixed-precision state (the process group stays).
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        **tracking.accelerator_options(config.log_with, rundir.path),
+    accelerator = distributed.make_accelerator(
+        config.mixed_precision,
+        **tracking.accelerator_options(config.log_with, Path(config.output_dir)),
     )
+    main = accelerator.is_main_process
+    settings = config.to_dict() | distributed.batch_record(config.batch_size)
+    resume = should_resume(Path(config.output_dir), config.resume, config.overwrite, settings)
+    rundir = RunDir(config.output_dir, overwrite=config.overwrite, resume=resume, main=main)
+    distributed.barrier()  # every process has checked the run directory before it changes
     set_seed(config.seed)  # also fixes the fresh classification head
     model, tokenizer = load_text_classifier(config.model, num_labels)
+    distributed.seed_processes(config.seed)
 
     train_enc = encode(tokenizer, subsets.train.inputs, subsets.train.labels, config.max_length)
     val_enc = encode(tokenizer, subsets.val.inputs, subsets.val.labels, config.max_length)
@@ -201,19 +228,17 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
             "examples longer than --max-length %d were cut: %s", config.max_length, truncated
         )
 
-    resolved = config.to_dict() | {
-        "num_processes": accelerator.num_processes,
-        "global_batch_size": config.batch_size * accelerator.num_processes,
-        "subsets": subsets.summary,
-    }
+    resolved = config.to_dict() | distributed.batch_record(config.batch_size)
+    resolved["subsets"] = subsets.summary
     rundir.write_config(resolved)
     tracking.start_trackers(accelerator, config.log_with, rundir.path.name, resolved)
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     manipulation = make_manipulation(config, train_enc.labels, num_labels)
+    checkpoints = run_checkpoints(config, rundir, accelerator, model, optimizer, manipulation)
 
     train_config = train_settings(config)
-    progress = progress_factory(config) if progress_factory else None
+    progress = progress_factory(config) if progress_factory and main else None
     result = train(
         model,
         optimizer,
@@ -224,8 +249,12 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
         accelerator,
         metrics=tracking.metrics_sink(rundir.log_metrics, accelerator, config.log_with),
         progress=progress,
+        checkpoints=checkpoints,
     )
-    accelerator.end_training()
+    tracking.finish(accelerator)
+    if not main:  # the main process evaluates and writes; every process holds the same model
+        distributed.barrier()
+        return {}
 
     # Final weight and loss of every training example, under the model at the end of training.
     inner = accelerator.unwrap_model(model)
@@ -249,7 +278,7 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
         "val_size": len(subsets.val),
         "notes": subsets.notes,
         "truncated": truncated,
-        "num_processes": accelerator.num_processes,
+        **distributed.batch_record(config.batch_size),
         "train_wall_time_s": result.wall_time_s,
         "wall_time_s": time.perf_counter() - started,
         "output_dir": str(rundir.path),
@@ -257,7 +286,26 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
     if "flipped" in weights:
         results["label_noise"] = noise_detection(weights, config.method)  # datamanip.noise
     rundir.write_json("results.json", results)
+    checkpoints.remove()
+    distributed.barrier()
     return results
+
+
+def run_checkpoints(
+    config: RunConfig, rundir: RunDir, accelerator, model, optimizer, manipulation
+) -> Checkpoints:
+    """The run's checkpoints (every ``--save-every`` steps and each epoch end); the loop
+    resumes from the newest one, which must have been made with the same settings."""
+    resolved = config.to_dict() | distributed.batch_record(config.batch_size)  # as should_resume
+    return Checkpoints(
+        rundir.path / "checkpoints",
+        accelerator.unwrap_model(model, keep_fp32_wrapper=False),
+        optimizer,
+        manipulation,
+        resolved,
+        appended=(rundir.path / "metrics.jsonl", rundir.path / "samples.jsonl"),
+        save_every=config.save_every,
+    )
 
 
 def test_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict:

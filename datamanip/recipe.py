@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from datamanip import distributed
 from datamanip.config import AUGMENT_METHODS, METHODS, RunConfig
 from datamanip.errors import DatamanipError
 
@@ -286,7 +287,11 @@ def run_recipe(
     check_methods(methods, COMMANDS[recipe.command].methods, "--methods")
     if seeds is not None:
         overrides["seeds"] = seeds
-    root = Path(output_dir or overrides.pop("output_dir", None) or default_root(recipe))
+    root = Path(
+        output_dir
+        or overrides.pop("output_dir", None)
+        or distributed.same_on_every_process(default_root(recipe))
+    )
     overrides.pop("output_dir", None)
     configs = {  # all checked before any runs
         (m, suffix): recipe.config(m, swept | overrides)
@@ -294,11 +299,13 @@ def run_recipe(
         for suffix, swept in recipe.variants()
     }
 
-    root.mkdir(parents=True, exist_ok=True)
+    main = distributed.launched_as_main()  # under a launcher only the main process writes
     written = {"command": recipe.command, "methods": methods, "recipe": str(recipe.path)}
     written |= {"settings": recipe.settings | overrides, "per_method": recipe.per_method}
     written |= {"sweep": recipe.sweep} if recipe.sweep else {}
-    (root / "recipe.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "recipe.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
     module, name = COMMANDS[recipe.command].runner.split(":")
     runner = getattr(importlib.import_module(module), name)
 
@@ -306,8 +313,9 @@ def run_recipe(
     for (method, suffix), config in configs.items():
         config = dataclasses.replace(config, output_dir=str(root / method / suffix))
         outcome = runner(config, progress_factory=progress_factory)
-        summary["methods"][f"{method} {suffix}".strip()] = _method_summary(outcome)
-        (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if main:
+            summary["methods"][f"{method} {suffix}".strip()] = _method_summary(outcome)
+            (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["output_dir"] = str(root)
     return summary
 

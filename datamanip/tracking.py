@@ -44,6 +44,13 @@ def start_trackers(accelerator, log_with: list[str] | None, name: str, config: d
         accelerator.init_trackers(name, config=hyperparameters(config))
 
 
+def finish(accelerator) -> None:
+    """Closes the trackers. (``Accelerator.end_training`` would also end the process group,
+    which later seeds of the same launch still need.)"""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def hyperparameters(config: dict) -> dict:
     """The config's scalar settings (trackers such as TensorBoard take no lists or dicts)."""
     return {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}

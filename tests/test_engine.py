@@ -139,14 +139,15 @@ def test_val_batch_size_draws_distinct_validation_subsets():
 
     val_data = tiny_split(10, 3)
     full = [val_data.batch(torch.arange(10))]
-    generator = torch.Generator().manual_seed(0)
-    draws = [reward_validation(val_data, full, 4, generator, "cpu") for _ in range(5)]
+    draws = [reward_validation(val_data, full, 4, seed, "cpu") for seed in range(5)]
     for batches in draws:
         assert len(batches) == 1 and len(batches[0].labels) == 4
         assert len(set(batches[0].positions.tolist())) == 4
     assert len({tuple(b[0].positions.tolist()) for b in draws}) > 1  # fresh subsets
-    assert reward_validation(val_data, full, None, generator, "cpu") is full
-    assert reward_validation(val_data, full, 10, generator, "cpu") is full
+    again = reward_validation(val_data, full, 4, 3, "cpu")  # a step's subset is its seed's
+    assert torch.equal(again[0].positions, draws[3][0].positions)
+    assert reward_validation(val_data, full, None, 0, "cpu") is full
+    assert reward_validation(val_data, full, 10, 0, "cpu") is full
 
 
 def test_ren_trains_plainly_on_a_step_without_its_reward_step():

@@ -18,6 +18,16 @@ manipulation is active and uses the reward:
 3. ``train_loss(step)`` returns the loss for the real optimiser step, with the updated φ.
 
 A manipulation that does not use the reward (``uses_reward = False``) only sees ``train_loss``.
+
+Several processes: ``step.batch`` is this process's shard of a global batch of ``step.total``
+examples, and every loss a manipulation returns is its shard's share of the global batch's loss
+(a mean is ``step.mean(losses)``, a sum over the shard divided by ``step.total``); the engine
+sums gradients over the processes. Normalising weights within the batch goes through
+:func:`linear_normalise` / :func:`softmax_normalise`, which take their sums over every process.
+Reward gradients of φ that belong to the shard's examples (``lookahead_weights``) stay with the
+process; those of shared φ (an augmenter) arrive summed over the processes, the same on all.
+``state_dict`` / ``load_state_dict`` save and restore φ (and any optimiser or generator of the
+manipulation) for checkpoints; every process saves its own.
 """
 
 from contextlib import contextmanager, nullcontext
@@ -28,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from datamanip import distributed
 
 
 @dataclass
@@ -56,6 +68,7 @@ class Step:
     batch: Batch
     model: nn.Module
     twice_differentiable: bool = True
+    total: int | None = None  # examples in the global batch (None: this batch is all of it)
     _losses: Tensor | None = field(default=None, repr=False)
     rng_state: dict | None = field(default=None, repr=False)
 
@@ -69,6 +82,10 @@ class Step:
                 at_least_float32(logits), self.batch.labels, reduction="none"
             )
         return self._losses
+
+    def mean(self, values: Tensor) -> Tensor:
+        """This shard's share of the global batch's mean of ``values`` ([batch])."""
+        return values.sum() / (self.total or len(values))
 
 
 def capture_rng() -> dict:
@@ -136,7 +153,20 @@ def mean_per_class(values: Tensor, labels: Tensor, num_labels: int, prefix: str)
 
 
 def linear_normalise(w: Tensor) -> Tensor:
-    """ŵ = max(w, 0) / Σ max(w, 0), all zeros when the sum is ≤ 1e-8 (SPEC §3)."""
+    """ŵ = max(w, 0) / Σ max(w, 0), all zeros when the sum is ≤ 1e-8 (SPEC §3); the sum runs
+    over the global batch (every process's shard)."""
     w = w.clamp(min=0)
     total = w.sum()
+    if distributed.world_size() > 1:
+        total = distributed.sum_([total.detach().clone()])[0]
     return w / total if total > 1e-8 else torch.zeros_like(w)
+
+
+def softmax_normalise(w: Tensor, temperature: float) -> Tensor:
+    """softmax(w / T) over the global batch (every process's shard)."""
+    if distributed.world_size() == 1:
+        return torch.softmax(w / temperature, dim=0)
+    z = w / temperature
+    z = z - distributed.max_(z.max())
+    e = z.exp()
+    return e / distributed.sum_([e.sum().detach().clone()])[0]

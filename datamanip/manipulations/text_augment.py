@@ -141,7 +141,9 @@ class TextAugmentation:
         else:
             logits = functional_call(model, params, args=(), kwargs=kwargs).logits
         labels = batch.labels.repeat(samples)
-        return nn.functional.cross_entropy(at_least_float32(logits), labels)
+        # This shard's share of the global batch's mean (SPEC §4's loss over K samples).
+        losses = nn.functional.cross_entropy(at_least_float32(logits), labels, reduction="none")
+        return losses.sum() / (samples * (step.total or len(batch.labels)))
 
     # --- the protocol --------------------------------------------------------------------
 
@@ -182,10 +184,10 @@ class TextAugmentation:
             self.augmenter.eval()
             rows, cols, logits = self.masked_logits(step.batch, self.generator)
             probs = gumbel_softmax(logits, self.tau, 1, self.generator)
-        real = step.example_losses()
+        real = step.mean(step.example_losses())
         augmented = self.classifier_loss(step, rows, cols, probs)
         self._log["augmented_loss"] = augmented.item()
-        return (real.sum() + augmented * len(real)) / (2 * len(real))
+        return (real + augmented) / 2
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)

@@ -8,7 +8,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamanip.manipulations.base import Step, linear_normalise, mean_per_class
+from datamanip import distributed
+from datamanip.manipulations.base import (
+    Step,
+    linear_normalise,
+    mean_per_class,
+    softmax_normalise,
+)
 
 
 class ExampleWeights:
@@ -24,6 +30,13 @@ class ExampleWeights:
 
     def example_weights(self) -> np.ndarray:
         return self.weights.numpy().copy()
+
+    def set_weights(self, positions: Tensor, values: Tensor) -> None:
+        """Sets the weights of this process's examples, then everyone's on every process, so
+        that each example's weight lives in one place and all processes hold the same vector."""
+        self.weights[positions] = values.float().cpu()
+        if distributed.world_size() > 1:
+            self.weights[distributed.gather(positions)] = distributed.gather(values.float().cpu())
 
     def state_dict(self) -> dict:
         return {"weights": self.weights.clone()}
@@ -77,7 +90,7 @@ class LearnedWeighting(ExampleWeights):
     def normalised(self, positions: Tensor, w: Tensor | None = None) -> Tensor:
         w = self.weights[positions] if w is None else w
         if self.norm == "softmax":
-            return torch.softmax(w / self.temperature, dim=0)
+            return softmax_normalise(w, self.temperature)
         return linear_normalise(w)
 
     def lookahead_weights(self, step: Step) -> tuple[Tensor, list[Tensor]]:
@@ -91,7 +104,7 @@ class LearnedWeighting(ExampleWeights):
         grad = grads[0].detach().float().cpu()
         positions = step.batch.positions
         updated = self.weights[positions] / self.w_decay - grad
-        self.weights[positions] = updated.clamp(min=self.floor)
+        self.set_weights(positions, updated.clamp(min=self.floor))
         self._last_grad = grad.abs().mean().item()
 
     def train_loss(self, step: Step) -> Tensor:
@@ -126,20 +139,20 @@ class RenWeighting(ExampleWeights):
 
     def lookahead_weights(self, step: Step) -> tuple[Tensor, list[Tensor]]:
         losses = step.example_losses()
-        eps = torch.full_like(losses, 1.0 / len(losses)).detach().requires_grad_()
+        eps = torch.full_like(losses, 1.0 / step.total).detach().requires_grad_()
         return eps, [eps]
 
     def reward_step(self, step: Step, grads: list[Tensor]) -> None:
         self._batch_weights = linear_normalise(-grads[0].detach().float())
         self._weighted_step = step
-        self.weights[step.batch.positions] = self._batch_weights.cpu()
+        self.set_weights(step.batch.positions, self._batch_weights)
 
     def train_loss(self, step: Step) -> Tensor:
         losses = step.example_losses()
         # Ren's weights belong to the batch they were derived on: a step without a reward step
         # (--reward-every k) trains plainly rather than on another batch's weights.
         if self._weighted_step is not step:
-            return losses.mean()
+            return step.mean(losses)
         return (self._batch_weights.to(losses.device) * losses).sum()
 
 
@@ -169,7 +182,7 @@ class NoManipulation:
         self.num_examples = len(labels)
 
     def train_loss(self, step: Step) -> Tensor:
-        return step.example_losses().mean()
+        return step.mean(step.example_losses())
 
     def log_values(self) -> dict[str, float]:
         return {}

