@@ -36,6 +36,17 @@ def trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
     return [n for n, _ in named], [p for _, p in named]
 
 
+def scratch_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """Copies of the model's buffers, for the extra forwards of the reward gradient.
+
+    BatchNorm moves its running statistics in place on every forward in train mode, and the
+    real step's backward needs them unchanged (autograd saved them). The forwards at θ ± εu,
+    or on augmented examples, run on these copies instead, so the statistics move only with the
+    real training step and a run's statistics do not depend on the manipulation.
+    """
+    return {name: buffer.clone() for name, buffer in model.named_buffers()}
+
+
 def validation_gradient(
     model: nn.Module, params: dict[str, Tensor], val: list[Batch], autocast, chunk: int = 10
 ):
@@ -201,7 +212,8 @@ def function_reward_gradients(
     names, params = trainable(model)
     rng = capture_rng()
     with restore_rng(rng), autocast():
-        loss = loss_at(None)
+        # θ itself, with copies of the buffers: see scratch_buffers.
+        loss = loss_at(dict(zip(names, params)) | scratch_buffers(model))
     grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
     del loss
     new_params, precond = lookahead(optimizer, params, grads, precond_into_grads=True)
@@ -218,7 +230,7 @@ def function_reward_gradients(
     for sign in (1.0, -1.0):
         shifted = {n: p.detach() + (sign * eps) * u for n, p, u in zip(names, params, directions)}
         with restore_rng(rng), autocast():
-            shifted_loss = loss_at(shifted)
+            shifted_loss = loss_at(shifted | scratch_buffers(model))
         parts = torch.autograd.grad(
             shifted_loss * (sign / (2 * eps)),
             phi,
@@ -256,6 +268,7 @@ def directional_derivatives(
     shifted_losses = []
     for sign in (1.0, -1.0):
         shifted = {n: p.detach() + (sign * eps) * u for n, p, u in zip(names, params, directions)}
+        shifted |= scratch_buffers(model)
         with restore_rng(step.rng_state):  # the same dropout masks as the training forward
             logits = functional_call(model, shifted, args=(), kwargs=step.batch.inputs).logits
         del shifted
