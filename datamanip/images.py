@@ -203,7 +203,7 @@ def encode_images(
     generator = torch.Generator().manual_seed(seed)
 
     def encoded(part: str, split: Split, augment: bool) -> ImageSplit:
-        labels = torch.as_tensor(split.labels, dtype=torch.long)
+        labels = torch.tensor(split.labels, dtype=torch.long)  # a copy: the split may be read-only
         return ImageSplit(pixels[part], labels, mean, std, augment, generator if augment else None)
 
     return (
