@@ -50,17 +50,24 @@ def run_augmentation(config: RunConfig, progress_factory=None) -> dict:
     """Runs ``datamanip augment``: one training seed, or each of ``config.seeds``.
 
     The MLM stage runs once (unless ``config.augmenter`` names a fine-tuned augmenter) and its
-    result serves every seed and method.
+    result serves every seed and method. Image data has no MLM stage: its augmenter is a set of
+    learnable transforms (:mod:`datamanip.image_augment_run`).
     """
     config = resolve(dataclasses.replace(config, command="augment"))
     config = dataclasses.replace(config, output_dir=config.output_dir or default_output_dir(config))
     subsets, num_labels = load_subsets(config)
     check_classes(subsets, num_labels)
-    needs_stage = config.method != "none" and config.augmenter is None
+    run_one = run_one_augmentation
+    if config.kind == "image":  # learnable transforms: no MLM stage, nothing to fine-tune
+        from datamanip.image_augment_run import check_image_options, run_one_image_augmentation
+
+        check_image_options(config)
+        run_one = run_one_image_augmentation
+    needs_stage = config.kind != "image" and config.method != "none" and config.augmenter is None
     if config.finetune_only or (needs_stage and not config.seeds):
         return finetune_stage(config, subsets, num_labels, progress_factory)
     if not config.seeds:
-        return run_one_augmentation(config, subsets, num_labels, progress_factory)
+        return run_one(config, subsets, num_labels, progress_factory)
 
     root = RunDir(config.output_dir, overwrite=config.overwrite)
     if needs_stage:
@@ -77,7 +84,7 @@ def run_augmentation(config: RunConfig, progress_factory=None) -> dict:
         seed_config = dataclasses.replace(
             config, seed=seed, seeds=None, output_dir=str(root.path / f"seed_{seed}")
         )
-        runs.append(run_one_augmentation(seed_config, subsets, num_labels, progress_factory))
+        runs.append(run_one(seed_config, subsets, num_labels, progress_factory))
         summary = summarise(config, runs)
         root.write_json("summary.json", summary)
     return summary

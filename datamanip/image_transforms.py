@@ -211,8 +211,8 @@ class ImageAugmenter(nn.Module):
         p = torch.tensor([float(probabilities[n]) for n in self.names]).clamp(1e-4, 1 - 1e-4)
         self.logit = nn.Parameter(torch.log(p) - torch.log1p(-p))
         self.register_buffer("largest", torch.tensor([TRANSFORMS[n][1] for n in self.names]))
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).clone())
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).clone())
         self.tau, self.straight_through = tau, straight_through
 
     def probability(self) -> Tensor:

@@ -272,3 +272,177 @@ def test_learned_reward_step_moves_the_settings_and_fixed_never_does():
     assert all(p.grad is None for p in fixed.augmenter.parameters())
     assert all(p.grad is not None for p in classifier.parameters())
     assert fixed.log_values()["augmented_loss"] > 0
+
+
+# --- the command end to end --------------------------------------------------------------------
+
+
+def png_bytes(pixels) -> bytes:
+    """[H, W, 3] uint8 as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def cifar_frame(per_class, num_labels=3, seed=0):
+    """Made-up cifar10-shaped rows: ``img`` {bytes, path} PNGs of SIDE × SIDE, ``label``; each
+    class a colour, so that a tiny model can learn something."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(per_class * num_labels):
+        label = i % num_labels
+        pixels = rng.integers(0, 80, (SIDE, SIDE, 3))
+        pixels[..., label] += 150
+        rows.append(({"bytes": png_bytes(pixels.astype("uint8")), "path": None}, label))
+    return pd.DataFrame(rows, columns=["img", "label"]).astype({"label": "int64"})
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    """A folder of cifar10-shaped parquet files with three classes, and a tiny ResNet folder."""
+    from datamanip.data import write_mirror
+
+    root = tmp_path_factory.mktemp("image_augment")
+    frames = {"train": cifar_frame(12), "test": cifar_frame(4, seed=1)}
+    write_mirror(frames, root, "images")
+    tiny_resnet(num_labels=3).save_pretrained(root / "resnet")
+    return root / "images", root / "resnet"
+
+
+def image_augment_args(data, model, out, *extra, per_class="6"):
+    """``datamanip augment`` on ``data``: a folder of parquet files, or a mirror of cifar10."""
+    named = (data / "cifar10").is_dir()
+    return [
+        "augment",
+        "--dataset",
+        "cifar10" if named else str(data),
+        *(("--data-dir", str(data)) if named else ("--text-column", "img")),
+        "--model",
+        str(model),
+        "--per-class",
+        per_class,
+        "--val-per-class",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",
+        "--num-samples",
+        "2",
+        "--log-every",
+        "1",
+        "--output-dir",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+
+
+def invoke(args):
+    from typer.testing import CliRunner
+
+    from datamanip.cli import app
+
+    return CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+def read_jsonl(path):
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_image_augment_end_to_end(tiny_cifar, tmp_path):
+    import json
+
+    mirror, model = tiny_cifar
+    out = tmp_path / "run"
+    result = invoke(image_augment_args(mirror, model, out))
+    assert result.exit_code == 0, result.output
+    assert "label kept by" in result.output
+
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "samples.png", "augmenter.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "learned" and results["command"] == "augment"
+    assert results["train_size"] == 18 and results["val_size"] == 6
+    assert 0 <= results["label_preservation"] <= 1
+
+    # the reward moved the settings, and metrics.jsonl followed them step by step
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
+    assert len(steps) == 6 and all(r["augmenter_grad_norm"] > 0 for r in steps)
+    series = [r["transform/rotation/magnitude"] for r in steps]
+    assert len(set(series)) == len(series)
+    settings = json.loads((out / "augmenter.json").read_text())
+    assert settings["initial"] != settings["final"]
+    assert settings["final"]["transform/rotation/magnitude"] == series[-1]
+
+    # samples.png: 8 columns of images (sample_positions), rows of originals and of 2 epochs
+    from PIL import Image
+
+    width, height = Image.open(out / "samples.png").size
+    assert height / width == pytest.approx((3 * 1.25) / (8 * 1.2), rel=0.05)  # figsize per row
+
+
+def test_image_fixed_and_none_and_seeds(tiny_cifar, tmp_path):
+    import json
+
+    mirror, model = tiny_cifar
+    fixed = tmp_path / "fixed"
+    result = invoke(image_augment_args(mirror, model, fixed, "--method", "fixed", "--seeds", "0,1"))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((fixed / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["method"] == "fixed"
+    settings = json.loads((fixed / "seed_0" / "augmenter.json").read_text())
+    assert settings["initial"] == settings["final"]  # fixed: never updated
+    steps = [r for r in read_jsonl(fixed / "seed_0" / "metrics.jsonl") if r["kind"] == "step"]
+    assert all("reward_loss" not in r and r["augmented_loss"] > 0 for r in steps)
+
+    none = tmp_path / "none"
+    result = invoke(image_augment_args(mirror, model, none, "--method", "none"))
+    assert result.exit_code == 0, result.output
+    assert not (none / "samples.png").exists() and not (none / "augmenter.json").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--finetune-only",), "no such stage"),
+        (("--augmenter", "somewhere"), "drop --augmenter"),
+        (("--method", "ren"), "learned, fixed, none"),
+    ],
+)
+def test_text_only_options_on_images_are_refused(tiny_cifar, tmp_path, extra, message):
+    from typer.testing import CliRunner
+
+    from datamanip.cli import app
+
+    mirror, model = tiny_cifar
+    result = CliRunner().invoke(app, image_augment_args(mirror, model, tmp_path / "run", *extra))
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_real_cifar10_augment_few_steps(shared_data, tmp_path):
+    """Real CIFAR-10 through the whole command: 10 classes of 32 × 32 JPEG-decoded images, the
+    small ResNet, 2 training images per class, one epoch."""
+    import json
+
+    out = tmp_path / "run"
+    args = image_augment_args(shared_data, "resnet-small", out, per_class="2")
+    args[args.index("--epochs") + 1] = "1"
+    args[args.index("--val-per-class") + 1] = "1"
+    result = invoke([*args, "--batch-size", "10"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_size"] == 20 and results["test_size"] == 10_000
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
+    assert len(steps) == 2 and all(r["reward_loss"] > 0 for r in steps)
