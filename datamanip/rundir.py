@@ -9,7 +9,8 @@ Layout::
     model/            the best-validation model (safetensors) and its tokenizer (text)
 
 An augmentation run adds samples.jsonl, augmenter/ and augmenter_finetuned/
-(:mod:`datamanip.augment_run`).
+(:mod:`datamanip.augment_run`); on images, samples.png and augmenter.json
+(:mod:`datamanip.image_augment_run`).
 """
 
 import json
@@ -31,6 +32,8 @@ RUN_FILES = (
     "samples.jsonl",
     "augmenter",
     "augmenter_finetuned",
+    "augmenter.json",
+    "samples.png",
 )
 
 
