@@ -446,3 +446,27 @@ def test_real_cifar10_augment_few_steps(shared_data, tmp_path):
     assert 0.0 <= results["test_accuracy"] <= 1.0
     steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
     assert len(steps) == 2 and all(r["reward_loss"] > 0 for r in steps)
+
+
+def test_image_augment_recipe_runs_through_datamanip_run(tiny_cifar, tmp_path):
+    import json
+
+    data, model = tiny_cifar
+    out = tmp_path / "recipe"
+    overrides = [
+        f"dataset={data}",
+        "text_column=img",
+        f"model={model}",
+        "per_class=6",
+        "val_per_class=2",
+        "epochs=1",
+        "batch_size=6",
+        "num_samples=1",
+    ]
+    args = ["run", "cifar10_lowdata_augment", *overrides, "--methods", "none,learned"]
+    result = invoke([*args, "--output-dir", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    for method in ("none", "learned"):
+        results = json.loads((out / method / "results.json").read_text())
+        assert results["method"] == method and results["command"] == "augment"
+    assert (out / "learned" / "samples.png").is_file()
