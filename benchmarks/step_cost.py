@@ -1,5 +1,5 @@
 """Cost of one training step: plain, learned weighting, a per-example loop, learned text
-augmentation, and learned weighting on images.
+augmentation, and learned weighting and learned augmentation on images.
 
 Measured side by side in one run on the same model and batch (MiniLM shapes, batch 25,
 validation 20, length 48; SPEC §8), variants interleaved so machine noise hits them alike.
@@ -15,10 +15,13 @@ The augmentation rows use their own setup (SPEC §5 low-data: batch 8, validatio
 48), the classifier and a MiniLM-shaped augmenter, each against a plain step on that batch.
 
 The image rows use ResNet-18 (random initialisation) with SGD and momentum, batch 20, validation
-20, 32×32 images (SPEC §5 CIFAR imbalanced), each against a plain step on that batch.
+20, 32×32 images (SPEC §5 CIFAR imbalanced), each against a plain step on that batch. The image
+augmenter's rows: ``fixed`` (the θ step on the batch and one augmented copy, no reward) and
+``learned`` with K = 4 and K = 1 augmented copies in the lookahead.
 
 The last lines are ``weighting_step_ratio=R``, ``weighting_memory_ratio=M``,
-``augment_step_ratio=R`` and ``image_weighting_step_ratio=R``.
+``augment_step_ratio=R``, ``image_weighting_step_ratio=R`` and ``image_augment_step_ratio=R``
+(K = 4).
 """
 
 import argparse
@@ -193,8 +196,10 @@ class ImageSetup:
         from accelerate import Accelerator
 
         from datamanip.experiment import build_optimizer
+        from datamanip.image_transforms import ImageAugmenter
         from datamanip.manipulations import LearnedWeighting, NoManipulation
         from datamanip.manipulations.base import Batch
+        from datamanip.manipulations.image_augment import ImageAugmentation
         from datamanip.models import load_image_classifier
 
         torch.manual_seed(0)
@@ -214,6 +219,9 @@ class ImageSetup:
         self.manipulations = {
             "image_plain": NoManipulation(labels, 2),
             "image_weighting": LearnedWeighting(labels, 2),
+            "image_fixed": ImageAugmentation(ImageAugmenter(), learned=False),
+            "image_augment": ImageAugmentation(ImageAugmenter(), num_samples=4),
+            "image_augment_k1": ImageAugmentation(ImageAugmenter(), num_samples=1),
         }
 
     def step(self, variant: str) -> None:
@@ -225,7 +233,7 @@ class ImageSetup:
             self.manipulations[variant],
             self.batch,
             self.val,
-            variant != "image_plain",
+            variant not in ("image_plain", "image_fixed"),
             self.accelerator,
         )
 
@@ -294,7 +302,8 @@ def main() -> None:
         return
 
     if args.images_only:
-        print(f"image_weighting_step_ratio={print_image_rows(args.steps):.2f}")
+        for name, ratio in print_image_rows(args.steps).items():
+            print(f"{name}={ratio:.2f}")
         return
     variants = ["plain", "weighting"] + ([] if args.no_loop else ["loop"])
     times = time_variants(args.steps, variants)
@@ -332,7 +341,7 @@ def main() -> None:
         for v in augment_variants:
             t = statistics.median(augment[v])
             print(f"{labels[v]:<34}{t:>9.3f}{t / plain8:>9.2f}")
-    image_ratio = None if args.no_images else print_image_rows(args.steps)
+    image_ratios = {} if args.no_images else print_image_rows(args.steps)
     if "loop" in times:
         print(f"loop_step_ratio={statistics.median(times['loop']) / plain:.2f}")
     print(f"weighting_step_ratio={statistics.median(times['weighting']) / plain:.2f}")
@@ -340,13 +349,20 @@ def main() -> None:
     if augment:
         ratio = statistics.median(augment["augment"]) / statistics.median(augment["plain8"])
         print(f"augment_step_ratio={ratio:.2f}")
-    if image_ratio is not None:
-        print(f"image_weighting_step_ratio={image_ratio:.2f}")
+    for name, ratio in image_ratios.items():
+        print(f"{name}={ratio:.2f}")
 
 
-def print_image_rows(steps: int) -> float:
-    """Times the image variants, prints their rows, and returns the weighting step ratio."""
-    variants = ["image_plain", "image_weighting"]
+def print_image_rows(steps: int) -> dict[str, float]:
+    """Times the image variants, prints their rows, and returns the weighting and augmentation
+    (K = 4) step ratios."""
+    variants = [
+        "image_plain",
+        "image_weighting",
+        "image_fixed",
+        "image_augment",
+        "image_augment_k1",
+    ]
     times = time_variants(steps, variants, ImageSetup())
     plain = statistics.median(times["image_plain"])
     print(
@@ -356,11 +372,17 @@ def print_image_rows(steps: int) -> float:
     labels = {
         "image_plain": "plain training step (images)",
         "image_weighting": "learned weighting (images)",
+        "image_fixed": "fixed augmentation (images)",
+        "image_augment": "learned augmentation, K=4 (images)",
+        "image_augment_k1": "learned augmentation, K=1 (images)",
     }
     for v in variants:
         t = statistics.median(times[v])
-        print(f"{labels[v]:<34}{t:>9.3f}{t / plain:>9.2f}")
-    return statistics.median(times["image_weighting"]) / plain
+        print(f"{labels[v]:<36}{t:>9.3f}{t / plain:>9.2f}")
+    return {
+        "image_weighting_step_ratio": statistics.median(times["image_weighting"]) / plain,
+        "image_augment_step_ratio": statistics.median(times["image_augment"]) / plain,
+    }
 
 
 if __name__ == "__main__":
