@@ -74,12 +74,6 @@ class Draws:
             *(t.to(device) for t in (self.strength, self.gate, self.direction, self.centre))
         )
 
-    def repeat(self, times: int) -> "Draws":
-        """The draws of ``times`` copies of the batch, copy-major (as ``Tensor.repeat``)."""
-        return Draws(
-            *(t.repeat(times, 1) for t in (self.strength, self.gate, self.direction, self.centre))
-        )
-
 
 def draw(batch: int, names: tuple[str, ...], generator: torch.Generator) -> Draws:
     """Fresh random draws for ``batch`` images and the transforms ``names`` (on the CPU)."""
