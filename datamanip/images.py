@@ -51,6 +51,7 @@ class ImageSplit:
         return len(self.labels)
 
     def batch(self, positions: Tensor) -> Batch:
+        """The examples at ``positions`` as ``pixel_values`` [batch, 3, H, W], normalised."""
         images = self.pixels[positions].float() / 255  # [batch, 3, H, W] in 0..1
         if self.crop_flip:
             images = random_crop_flip(images, self.generator)
