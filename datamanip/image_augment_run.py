@@ -179,7 +179,8 @@ def sample_grid(originals, rows, mean, std, path) -> None:
             axis.set_yticks([])
         axes[r][0].set_ylabel("original" if r == 0 else f"epoch {r - 1}", fontsize=8)
     fig.suptitle("training images and their augmented versions", fontsize=9)
-    fig.tight_layout()
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / height))  # room for the title: 0.3 inch
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=80)
     plt.close(fig)
