@@ -82,24 +82,26 @@ def table(root: Path) -> str:
 
 
 def learned_settings(root: Path) -> str:
-    """Initial and final magnitude and probability of each transform, mean over the learned
-    runs' seeds."""
+    """Initial and final magnitude and probability of each transform: the mean over the learned
+    runs' seeds, and the smallest and largest seed's."""
     found = sorted((root / "learned").glob("seed_*/augmenter.json"))
     if not found:
         return ""
     settings = [json.loads(p.read_text()) for p in found]
     names = sorted({k.split("/")[1] for k in settings[0]["initial"]})
     lines = [
-        f"| transform | magnitude: initial → final (mean of {len(found)} seeds) | probability: "
-        "initial → final |",
+        f"| transform | magnitude: initial → final, mean of {len(found)} seeds (range) | "
+        "probability: initial → final (range) |",
         "|---|---|---|",
     ]
     for name in names:
         cells = []
         for key in ("magnitude", "probability"):
             start = settings[0]["initial"][f"transform/{name}/{key}"]
-            end = statistics.mean(s["final"][f"transform/{name}/{key}"] for s in settings)
-            cells.append(f"{start:.3f} → {end:.3f}")
+            ends = [s["final"][f"transform/{name}/{key}"] for s in settings]
+            cells.append(
+                f"{start:.2f} → {statistics.mean(ends):.2f} ({min(ends):.2f}-{max(ends):.2f})"
+            )
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
