@@ -303,3 +303,18 @@ def test_weight_command_on_real_cifar10(shared_data, tmp_path, method):
     results = json.loads((out / "results.json").read_text())
     assert results["train_size"] == 63 and results["test_size"] == 2000
     assert 0 <= results["test_accuracy"] <= 1
+
+
+def test_image_recipe_runs_as_its_first_line_says(shared_data, tmp_path):
+    """`datamanip run cifar10_imbalance_0.05 --seeds ... --data-dir ...`, shortened by overrides."""
+    tiny_resnet().save_pretrained(tmp_path / "tiny")
+    args = ["run", "cifar10_imbalance_0.05", "--seeds", "0", "--data-dir", str(shared_data)]
+    args += [f"model={tmp_path / 'tiny'}", "majority_size=40", "epochs=1", "--methods", "none"]
+    args += ["--output-dir", str(tmp_path / "runs"), "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load(next((tmp_path / "runs").rglob("config.yaml")).read_text())
+    assert config["data_dir"] == str(shared_data) and config["subsets"]["train"] == {
+        "0": 2,
+        "1": 40,
+    }
