@@ -374,6 +374,7 @@ def test_image_augment_end_to_end(tiny_cifar, tmp_path):
     assert results["method"] == "learned" and results["command"] == "augment"
     assert results["train_size"] == 18 and results["val_size"] == 6
     assert 0 <= results["label_preservation"] <= 1
+    assert 0 <= results["test_accuracy_last_epoch"] <= 1
 
     # the reward moved the settings, and metrics.jsonl followed them step by step
     steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
