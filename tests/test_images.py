@@ -318,3 +318,20 @@ def test_image_recipe_runs_as_its_first_line_says(shared_data, tmp_path):
         "0": 2,
         "1": 40,
     }
+
+
+def test_weight_command_long_tailed_without_crop_flip(tmp_path):
+    folder = tmp_path / "shapes"
+    write_image_folder(folder / "train", per_class=20, classes=("a", "b", "c"))
+    write_image_folder(folder / "test", per_class=3, classes=("a", "b", "c"), seed=1)
+    tiny_resnet(num_labels=3).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "run"
+    args = ["weight", "--dataset", str(folder), "--imbalance-factor", "4", "--val-per-class"]
+    args += ["2", "--method", "proportion", "--epochs", "1", "--no-crop-flip", "--model"]
+    args += [str(tmp_path / "tiny"), "--output-dir", str(out), "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["setup"] == "long-tailed" and config["crop_flip"] is False
+    assert config["subsets"]["train"] == {"0": 18, "1": 9, "2": 4}  # 18 · 4^(-c/2)
+    assert json.loads((out / "results.json").read_text())["test_size"] == 9
