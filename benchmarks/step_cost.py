@@ -1,5 +1,5 @@
-"""Cost of one training step: plain, learned weighting, a per-example loop, and learned
-text augmentation.
+"""Cost of one training step: plain, learned weighting, a per-example loop, learned text
+augmentation, and learned weighting and learned augmentation on images.
 
 Measured side by side in one run on the same model and batch (MiniLM shapes, batch 25,
 validation 20, length 48; SPEC §8), variants interleaved so machine noise hits them alike.
@@ -14,8 +14,14 @@ follows the live tensors.
 The augmentation rows use their own setup (SPEC §5 low-data: batch 8, validation 10, length
 48), the classifier and a MiniLM-shaped augmenter, each against a plain step on that batch.
 
-The last lines are ``weighting_step_ratio=R``, ``weighting_memory_ratio=M`` and
-``augment_step_ratio=R``.
+The image rows use ResNet-18 (random initialisation) with SGD and momentum, batch 20, validation
+20, 32×32 images (SPEC §5 CIFAR imbalanced), each against a plain step on that batch. The image
+augmenter's rows: ``fixed`` (the θ step on the batch and one augmented copy, no reward) and
+``learned`` with K = 4 and K = 1 augmented copies in the lookahead.
+
+The last lines are ``weighting_step_ratio=R``, ``weighting_memory_ratio=M``,
+``augment_step_ratio=R``, ``image_weighting_step_ratio=R`` and ``image_augment_step_ratio=R``
+(K = 4).
 """
 
 import argparse
@@ -31,6 +37,7 @@ import torch
 
 BATCH, VAL, LENGTH = 25, 20, 48
 AUGMENT_BATCH, AUGMENT_VAL = 8, 10
+IMAGE_BATCH, IMAGE_VAL, IMAGE_SIZE = 20, 20, 32
 
 
 class Setup:
@@ -182,6 +189,55 @@ class AugmentSetup:
         )
 
 
+class ImageSetup:
+    """ResNet-18 from its config, SGD with momentum (state after the warm-up), 32×32 images."""
+
+    def __init__(self):
+        from accelerate import Accelerator
+
+        from datamanip.experiment import build_optimizer
+        from datamanip.image_transforms import ImageAugmenter
+        from datamanip.manipulations import LearnedWeighting, NoManipulation
+        from datamanip.manipulations.base import Batch
+        from datamanip.manipulations.image_augment import ImageAugmentation
+        from datamanip.models import load_image_classifier
+
+        torch.manual_seed(0)
+        self.model = load_image_classifier("resnet18", num_labels=2)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, 1e-3, 0.01, "sgd")
+        self.accelerator = Accelerator(cpu=True)
+        g = torch.Generator().manual_seed(0)
+
+        def batch(n):
+            pixels = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+            labels = torch.randint(0, 2, (n,), generator=g)
+            return Batch(torch.arange(n), labels, {"pixel_values": pixels})
+
+        self.batch, self.val = batch(IMAGE_BATCH), [batch(IMAGE_VAL)]
+        labels = self.batch.labels
+        self.manipulations = {
+            "image_plain": NoManipulation(labels, 2),
+            "image_weighting": LearnedWeighting(labels, 2),
+            "image_fixed": ImageAugmentation(ImageAugmenter(), learned=False),
+            "image_augment": ImageAugmentation(ImageAugmenter(), num_samples=4),
+            "image_augment_k1": ImageAugmentation(ImageAugmenter(), num_samples=1),
+        }
+
+    def step(self, variant: str) -> None:
+        from datamanip.engine import take_step
+
+        take_step(
+            self.model,
+            self.optimizer,
+            self.manipulations[variant],
+            self.batch,
+            self.val,
+            variant not in ("image_plain", "image_fixed"),
+            self.accelerator,
+        )
+
+
 def time_variants(steps: int, variants: list[str], setup=None) -> dict[str, list[float]]:
     setup = setup or Setup()
     for v in variants:  # warm-up: optimiser state, allocator, lazy inits
@@ -237,12 +293,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--no-loop", action="store_true", help="skip the slow per-example loop")
     parser.add_argument("--no-augment", action="store_true", help="skip the augmentation rows")
+    parser.add_argument("--no-images", action="store_true", help="skip the image rows")
+    parser.add_argument("--images-only", action="store_true", help="only the image rows")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
         print(json.dumps({"extra_bytes": extra_peak_memory(args.memory_of)}))
         return
 
+    if args.images_only:
+        for name, ratio in print_image_rows(args.steps).items():
+            print(f"{name}={ratio:.2f}")
+        return
     variants = ["plain", "weighting"] + ([] if args.no_loop else ["loop"])
     times = time_variants(args.steps, variants)
     memory = {v: memory_in_fresh_process(v) for v in ("plain", "weighting")}
@@ -279,6 +341,7 @@ def main() -> None:
         for v in augment_variants:
             t = statistics.median(augment[v])
             print(f"{labels[v]:<34}{t:>9.3f}{t / plain8:>9.2f}")
+    image_ratios = {} if args.no_images else print_image_rows(args.steps)
     if "loop" in times:
         print(f"loop_step_ratio={statistics.median(times['loop']) / plain:.2f}")
     print(f"weighting_step_ratio={statistics.median(times['weighting']) / plain:.2f}")
@@ -286,6 +349,40 @@ def main() -> None:
     if augment:
         ratio = statistics.median(augment["augment"]) / statistics.median(augment["plain8"])
         print(f"augment_step_ratio={ratio:.2f}")
+    for name, ratio in image_ratios.items():
+        print(f"{name}={ratio:.2f}")
+
+
+def print_image_rows(steps: int) -> dict[str, float]:
+    """Times the image variants, prints their rows, and returns the weighting and augmentation
+    (K = 4) step ratios."""
+    variants = [
+        "image_plain",
+        "image_weighting",
+        "image_fixed",
+        "image_augment",
+        "image_augment_k1",
+    ]
+    times = time_variants(steps, variants, ImageSetup())
+    plain = statistics.median(times["image_plain"])
+    print(
+        f"images: ResNet-18, SGD momentum, batch {IMAGE_BATCH}, validation {IMAGE_VAL}, "
+        f"{IMAGE_SIZE}x{IMAGE_SIZE}; median of {steps} steps"
+    )
+    labels = {
+        "image_plain": "plain training step (images)",
+        "image_weighting": "learned weighting (images)",
+        "image_fixed": "fixed augmentation (images)",
+        "image_augment": "learned augmentation, K=4 (images)",
+        "image_augment_k1": "learned augmentation, K=1 (images)",
+    }
+    for v in variants:
+        t = statistics.median(times[v])
+        print(f"{labels[v]:<36}{t:>9.3f}{t / plain:>9.2f}")
+    return {
+        "image_weighting_step_ratio": statistics.median(times["image_weighting"]) / plain,
+        "image_augment_step_ratio": statistics.median(times["image_augment"]) / plain,
+    }
 
 
 if __name__ == "__main__":

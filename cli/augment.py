@@ -1,4 +1,5 @@
-"""``datamanip augment``: learned text augmentation and its baselines (SPEC §4)."""
+"""``datamanip augment``: learned augmentation and its baselines: a masked LM for text (SPEC §4),
+learnable transforms for images."""
 
 import typer
 from rich.console import Console
@@ -10,7 +11,9 @@ from datamanip.cli.weight import parse_int_list, show
 @app.command()
 def augment(
     dataset: str = typer.Option(
-        "sst5", help="sst2, sst5, imdb, trec, or a CSV/JSONL/parquet file or folder."
+        "sst5",
+        help="sst2, sst5, imdb, trec, cifar10, a CSV/JSONL/parquet file or folder, or a folder "
+        "of images DIR/CLASS/*.png.",
     ),
     data_dir: str = typer.Option(
         None, help="Local mirror DIR/NAME/SPLIT.parquet (else $DATAMANIP_DATA_DIR, then the hub)."
@@ -28,11 +31,24 @@ def augment(
     ),
     data_seed: int = typer.Option(0, help="Fixes which examples form the subsets."),
     model: str = typer.Option(
-        "minilm", help="Classifier: hub id or local folder; minilm is the packaged MiniLM."
+        None,
+        help="Classifier. Text: minilm (default, packaged), hub id or folder. Images: resnet34 "
+        "(default), resnet18, resnet-small (built offline), hub id or folder.",
+    ),
+    pretrained: bool = typer.Option(
+        None,
+        "--pretrained/--no-pretrained",
+        help="Images: load the weights (resnet18/34: ImageNet from the hub) or only the "
+        "architecture. Default: weights for a hub id or folder, random for resnet*.",
+    ),
+    crop_flip: bool = typer.Option(
+        True, help="Images: random crop (4-pixel padding) and horizontal flip in training."
     ),
     max_length: int = typer.Option(64, help="Longer examples are cut (counted in results.json)."),
     method: str = typer.Option(
-        "learned", help="learned (trained by the reward), fixed (CBERT baseline) or none."
+        "learned",
+        help="learned (trained by the reward), fixed (never updated: CBERT for text, the "
+        "transforms' initial settings for images) or none.",
     ),
     augmenter_model: str = typer.Option(
         "minilm", help="Masked LM to fine-tune into the augmenter (hub id or local folder)."
@@ -46,13 +62,22 @@ def augment(
     mlm_epochs: int = typer.Option(60, help="Epochs of the MLM stage (best validation kept)."),
     mlm_batch_size: int = typer.Option(8, help="Batch size of the MLM stage."),
     mlm_lr: float = typer.Option(4e-5, help="Learning rate of the MLM stage."),
-    num_samples: int = typer.Option(4, help="Soft samples per example in the lookahead (K)."),
-    tau: float = typer.Option(1.0, help="Gumbel-softmax temperature."),
-    augmenter_lr: float = typer.Option(4e-5, help="Adam learning rate of the augmenter."),
+    num_samples: int = typer.Option(4, help="Augmented samples per example in the lookahead (K)."),
+    tau: float = typer.Option(
+        None,
+        help="Relaxation temperature: Gumbel-softmax (text, 1), transform gates (images, 0.5).",
+    ),
+    augmenter_lr: float = typer.Option(
+        None, help="Adam learning rate of the augmenter (text 4e-5, images 1e-2)."
+    ),
     epochs: int = typer.Option(None, help="Training epochs (setup default)."),
     batch_size: int = typer.Option(None, help="Training batch size (setup default)."),
-    lr: float = typer.Option(4e-5, help="Learning rate of the classifier (AdamW)."),
-    weight_decay: float = typer.Option(0.01, help="L2 on weights (none on bias and LayerNorm)."),
+    lr: float = typer.Option(
+        None, help="Learning rate of the classifier (text: AdamW 4e-5; images: SGD 1e-3)."
+    ),
+    weight_decay: float = typer.Option(
+        0.01, help="L2 (text: none on bias and LayerNorm; images: on every parameter)."
+    ),
     seed: int = typer.Option(0, help="Training seed."),
     seeds: str = typer.Option(None, help="Several training seeds, 0,1,2 or 0-4: mean ± std."),
     mixed_precision: str = typer.Option("no", help="no, bf16 or fp16."),
@@ -81,7 +106,7 @@ def augment(
     ),
     quiet: bool = typer.Option(False, help="No progress bar, warnings only."),
 ) -> None:
-    """Trains a classifier on real plus augmented sentences from a learned masked LM."""
+    """Trains a classifier on real plus augmented examples from a learned augmenter."""
     from datamanip.augment_run import run_augmentation
     from datamanip.config import RunConfig
 
@@ -99,6 +124,8 @@ def augment(
             val_per_class=val_per_class,
             data_seed=data_seed,
             model=model,
+            pretrained=pretrained,
+            crop_flip=crop_flip,
             max_length=max_length,
             method=method,
             augmenter=augmenter,
@@ -140,8 +167,8 @@ def augment(
     show(console, outcome)
     if "label_preservation" in outcome:
         console.print(
-            f"label kept by {100 * outcome['label_preservation']:.1f}% of rewrites "
-            f"(classifier on the unaltered sentences: "
+            f"label kept by {100 * outcome['label_preservation']:.1f}% of augmented training "
+            f"examples (classifier on the unaltered examples: "
             f"{100 * outcome['train_accuracy_on_originals']:.1f}%)"
         )
 

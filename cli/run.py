@@ -19,6 +19,9 @@ def run(
         None, help="Methods to run, e.g. none,ren,weighting (default: the recipe's)."
     ),
     output_dir: str = typer.Option(None, help="Root of the runs (default runs/RECIPE-TIME)."),
+    data_dir: str = typer.Option(
+        None, help="Local mirror DIR/NAME/SPLIT.parquet; the same as data_dir=DIR."
+    ),
     quiet: bool = typer.Option(False, help="No progress bar, warnings only."),
 ) -> None:
     """Runs a recipe: each method over the seeds, one run directory each, and a summary."""
@@ -28,6 +31,8 @@ def run(
     with user_errors():
         loaded = read_recipe(recipe)
         values = parse_overrides(overrides or [], loaded.command)
+        if data_dir is not None:  # the recipes' first lines pass it as a flag
+            values["data_dir"] = data_dir
         chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
         progress = None if quiet else _progress_factory
         summary = run_recipe(

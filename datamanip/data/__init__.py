@@ -7,6 +7,7 @@ from datamanip.data.sources import (
     KnownDataset,
     Source,
     Split,
+    dataset_kind,
     load_source,
 )
 from datamanip.data.subsets import Subsets, build_subsets
@@ -19,6 +20,7 @@ __all__ = [
     "Split",
     "Subsets",
     "build_subsets",
+    "dataset_kind",
     "download_dataset",
     "load_source",
     "write_mirror",

@@ -2,7 +2,8 @@
 
 A named data set (see :data:`KNOWN_DATASETS`) comes from a local mirror folder when there is one,
 else from the Hugging Face hub. Anything else is read as a local CSV, JSON-lines or parquet file,
-or a folder of such files named after their splits.
+a folder of such files named after their splits, or a folder of images in one subfolder per class
+(``DIR/CLASS/*.png``, or ``DIR/SPLIT/CLASS/*.png`` with a ``train`` split).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "DATAMANIP_DATA_DIR"
 LOCAL_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_SPLITS = ("train", "validation", "test")
 # Local data names its text column like one of these unless --text-column says otherwise.
 TEXT_COLUMN_GUESSES = ("text", "sentence")
 DEFAULT_LABEL_COLUMN = "label"
@@ -277,6 +280,8 @@ def _read_hub(name: str, info: KnownDataset, folder: Path | None) -> dict[str, p
 
 def _load_local(path: Path, text_column, label_column) -> Source:
     """Reads a local file (the train split) or a folder of ``SPLIT.ext`` files."""
+    if path.is_dir() and _is_image_folder(path):
+        return _load_image_folder(path)
     if path.is_dir():
         files = _split_files(path)
         origin = f"folder {path}"
@@ -296,6 +301,90 @@ def _load_local(path: Path, text_column, label_column) -> Source:
         num_labels=None,
         label_names=None,
         origin=origin,
+    )
+
+
+def dataset_kind(dataset: str | os.PathLike) -> str:
+    """``"text"`` or ``"image"``, from the name or the files, without reading the examples.
+
+    A known name has its own kind; a folder of class subfolders holds images; a parquet file
+    (or folder of them) holds images when a column stores bytes or ``{"bytes", "path"}``
+    structs. Anything else is taken as text (loading checks it).
+    """
+    name = os.fspath(dataset)
+    if name in KNOWN_DATASETS:
+        return KNOWN_DATASETS[name].kind
+    path = Path(name).expanduser()
+    if path.is_dir() and _is_image_folder(path):
+        return "image"
+    parquet = path / "train.parquet" if path.is_dir() else path
+    if parquet.suffix.lower() == ".parquet" and parquet.is_file():
+        try:
+            schema = pq.read_schema(parquet)
+        except (OSError, pa.ArrowException):
+            return "text"  # loading says what is wrong with the file
+        for column in schema:
+            kind = column.type
+            if pa.types.is_binary(kind) or (
+                pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+            ):
+                return "image"
+    return "text"
+
+
+def _is_image_folder(folder: Path) -> bool:
+    """A folder without data files whose subfolders (or ``train/`` subfolders) hold images."""
+    if any(p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES for p in folder.iterdir()):
+        return False
+    root = folder / "train" if (folder / "train").is_dir() else folder
+    return any(_image_files(sub) for sub in root.iterdir() if sub.is_dir())
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _load_image_folder(folder: Path) -> Source:
+    """Reads ``DIR/CLASS/*.png`` (the train split) or ``DIR/SPLIT/CLASS/*.png``.
+
+    Classes are the class folders of the train split in sorted order (label 0 is the first);
+    ids are row numbers in class-then-file-name order. Images stay files until decoded.
+    """
+    split_layout = (folder / "train").is_dir() and not _image_files(folder / "train")
+    roots = (
+        {split: folder / split for split in IMAGE_SPLITS if (folder / split).is_dir()}
+        if split_layout
+        else {"train": folder}
+    )
+    class_names = [sub.name for sub in sorted(roots["train"].iterdir()) if _image_files(sub)]
+    frames, places = {}, {}
+    for split, root in roots.items():
+        rows = []
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and _image_files(p)):
+            if sub.name not in class_names:
+                raise DatamanipError(
+                    f"{sub} is a class folder of the {split} split that the train split "
+                    f"({roots['train']}) lacks, so no model can learn it; add it to train or "
+                    f"remove it"
+                )
+            label = class_names.index(sub.name)
+            rows += [({"bytes": None, "path": str(p)}, label) for p in _image_files(sub)]
+        frames[split] = pd.DataFrame(rows, columns=["image", "label"])
+        places[split] = f"image folder {root}"
+    return _assemble(
+        folder.name,
+        frames,
+        places,
+        text_columns=("image",),
+        label_column="label",
+        kind="image",
+        num_labels=len(class_names),
+        label_names=class_names,
+        origin=f"image folder {folder}",
     )
 
 

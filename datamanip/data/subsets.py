@@ -59,24 +59,30 @@ def build_subsets(
     classes: tuple[int, int] | None = None,
     majority_size: int = 1000,
     per_class: int | None = None,
+    imbalance_factor: float | None = None,
     val_per_class: int = 10,
     data_seed: int = 0,
     label_noise: float = 0.0,
 ) -> Subsets:
     """Draws the train, validation and test subsets of a run.
 
-    Three modes: ``imbalance=r`` keeps two classes, ``majority_size`` examples of the majority
+    Four modes: ``imbalance=r`` keeps two classes, ``majority_size`` examples of the majority
     and ``round(majority_size * r)`` of the minority (the SST-2 and CIFAR-10 imbalanced setups);
-    ``per_class=k`` keeps ``k`` examples of every class (the low-data setups); neither keeps the
-    whole train split less the validation examples.
+    ``per_class=k`` keeps ``k`` examples of every class (the low-data setups);
+    ``imbalance_factor=f`` keeps every class with the exponential long-tail profile
+    ``n_c = int(n_max * f ** (-c / (C - 1)))``, ``n_max`` being what the smallest class holds
+    beside its validation examples (long-tailed CIFAR-10 of L2RW and Meta-Weight-Net, SPEC §6);
+    none of them keeps the whole train split less the validation examples.
 
     Args:
         source: The loaded data set; subsets are drawn from its ``train`` split.
         imbalance: Minority-to-majority ratio in ``(0, 1]``.
         minority_label: The minority class in imbalance mode.
-        classes: The two classes kept in imbalance mode; needed when there are more than two.
+        classes: The two classes kept in imbalance mode; needed when there are more than two,
+            except for images, where classes 0 (minority) and 1 are kept as in the paper.
         majority_size: Training examples of the majority class in imbalance mode.
         per_class: Training examples per class in low-data mode.
+        imbalance_factor: Largest to smallest class size in long-tailed mode, ``>= 1``.
         val_per_class: Validation examples per class kept.
         data_seed: Seed of the draw; the same seed gives the same subsets.
         label_noise: Fraction of training labels flipped, each to another kept class drawn
@@ -93,16 +99,35 @@ def build_subsets(
         subsets = build_subsets(load_source("sst2"), imbalance=0.05)  # 1000 pos + 50 neg
     """
     _check_options(imbalance, per_class, classes, majority_size, val_per_class, data_seed)
+    _check_factor(imbalance_factor, imbalance, per_class)
     _check_noise(label_noise)
     train_split = _train_split(source)
+    notes = []
+    if (
+        imbalance is not None
+        and classes is None
+        and source.kind == "image"
+        and source.num_labels > 2
+    ):
+        classes = (0, 1)
+        notes.append(
+            "--imbalance keeps classes 0 and 1 (the paper's CIFAR-10 pair); pass "
+            "--classes A,B for others"
+        )
     mode, sizes, minority, majority = _class_sizes(
         source, imbalance, per_class, classes, minority_label, majority_size
     )
+    if imbalance_factor is not None:
+        mode, sizes = (
+            "long-tailed",
+            _long_tail_sizes(train_split, imbalance_factor, val_per_class, source.num_labels),
+        )
 
     rng = np.random.default_rng(data_seed)
     train_idx, val_idx, rest_idx = _draw(train_split.labels, sizes, val_per_class, rng, source)
     train, val = train_split.take(train_idx), train_split.take(val_idx)
-    test, test_split, notes = _test_set(source, train_split.take(rest_idx), sorted(sizes))
+    test, test_split, test_notes = _test_set(source, train_split.take(rest_idx), sorted(sizes))
+    notes += test_notes
     original_labels = None
     if label_noise > 0:
         original_labels = train.labels.copy()
@@ -110,11 +135,13 @@ def build_subsets(
 
     summary = {
         "dataset": source.name,
+        "kind": source.kind,
         "origin": source.origin,
         "mode": mode,
         "data_seed": int(data_seed),
         "imbalance": None if imbalance is None else float(imbalance),
         "per_class": per_class,
+        "imbalance_factor": None if imbalance_factor is None else float(imbalance_factor),
         "val_per_class": val_per_class,
         "majority_size": majority_size if mode == "imbalance" else None,
         "minority_label": minority,
@@ -154,6 +181,35 @@ def flip_labels(train: Split, fraction: float, classes: list[int], data_seed: in
         others = [c for c in classes if c != labels[position]]
         labels[position] = others[rng.integers(len(others))]
     return Split(train.ids, train.inputs, labels)
+
+
+def _check_factor(imbalance_factor, imbalance, per_class) -> None:
+    if imbalance_factor is None:
+        return
+    if imbalance is not None or per_class is not None:
+        raise DatamanipError(
+            "--imbalance-factor was given with --imbalance or --per-class; pass only one of "
+            "them (--imbalance-factor F for long-tailed data over all classes)"
+        )
+    if isinstance(imbalance_factor, bool) or not imbalance_factor >= 1:  # also catches NaN
+        raise DatamanipError(
+            f"--imbalance-factor {imbalance_factor} is below 1; pass the ratio of the largest "
+            "to the smallest class, for example --imbalance-factor 100"
+        )
+
+
+def _long_tail_sizes(train: Split, factor: float, val_per_class: int, classes: int):
+    """Training examples per class: n_max · factor^(−c/(C−1)), the profile of Cui et al. 2019
+    that L2RW and Meta-Weight-Net report on; n_max is what the smallest class holds beside
+    its validation examples (CIFAR-10: 5000 − 10), so every class can supply its share."""
+    available = min(int(np.sum(train.labels == c)) for c in range(classes))
+    n_max = available - val_per_class
+    if n_max < 1:
+        raise DatamanipError(
+            f"a class has only {available} training examples, too few beside "
+            f"{val_per_class} validation ones; lower --val-per-class"
+        )
+    return {c: max(1, int(n_max * factor ** (-c / (classes - 1)))) for c in range(classes)}
 
 
 def _check_noise(label_noise) -> None:
