@@ -208,7 +208,8 @@ def should_resume(run_path: Path, resume: bool, overwrite: bool, config: dict) -
         )
     if resume and found is None:
         raise DatamanipError(
-            f"no checkpoint in {run_path / FOLDER} to resume from; run without --resume"
+            f"no checkpoint in {run_path / FOLDER} to resume from; run without --resume "
+            "(and with --overwrite if the run stopped before its first checkpoint)"
         )
     if found is not None and not finished:
         check_config(found, json.loads(json.dumps(config)))
