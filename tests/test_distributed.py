@@ -203,3 +203,27 @@ def test_a_cpu_launch_that_starts_one_process_is_refused(
     assert "error: accelerate launch --cpu --num_processes 2 started one process" in done.stderr
     assert "torchrun --nproc_per_node 2" in done.stderr
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_reductions_over_two_processes_equal_one_process(tmp_path):
+    """The building blocks on unequal shards, against the one-process computation."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from datamanip.manipulations.base import linear_normalise
+    from tests.distributed_worker import reductions
+
+    mp.start_processes(
+        reductions, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    w = torch.rand(7, generator=torch.Generator().manual_seed(0)) - 0.3
+    assert [len(r["positions"]) for r in results] == [4, 3]
+    for r in results:
+        assert torch.equal(r["gathered"], torch.arange(7) * 10)  # rank order, every process
+        assert torch.equal(r["sum"][0], torch.ones(3)) and torch.equal(r["sum"][1], torch.full((2,), 3.0, dtype=torch.float64))  # fmt: skip
+        assert r["scalar"] == 2.0
+    linear = torch.cat([r["linear"] for r in results])
+    softmax = torch.cat([r["softmax"] for r in results])
+    torch.testing.assert_close(linear, linear_normalise(w))
+    torch.testing.assert_close(softmax, torch.softmax(w / 0.5, dim=0))
