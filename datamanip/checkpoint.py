@@ -144,7 +144,7 @@ class Checkpoints:
         tmp.write_text(json.dumps(meta, indent=1))
         _fsync(tmp)
         os.replace(tmp, self.folder / f"{name}.json")
-        logger.info("checkpoint %s (epoch %d, step %d)", path, state.epoch, state.global_step)
+        logger.info("checkpoint %s after step %d", path, state.global_step)
         for old in listed(self.folder)[:-KEEP]:
             old.unlink(missing_ok=True)
             old.with_suffix(".pt").unlink(missing_ok=True)

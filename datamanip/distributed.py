@@ -256,10 +256,11 @@ def end_process_group() -> None:
 
 
 def quiet_other_processes() -> None:
-    """Processes other than the main one print warnings only (to the terminal)."""
+    """Processes other than the main one print errors only to the terminal (the main process
+    says the rest once); their own log file (``--log-dir``) keeps everything."""
     for handler in logging.getLogger().handlers:
         if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
+            handler.setLevel(logging.ERROR)
 
 
 def log_to_file(folder: str) -> None:
