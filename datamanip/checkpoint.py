@@ -177,7 +177,7 @@ class Checkpoints:
                 if size is not None and file.exists():
                     os.truncate(file, size)
         state = state_type(**payload["loop"])
-        logger.info("resuming from %s: epoch %d, step %d", path, state.epoch + 1, state.global_step)
+        logger.info("resuming from %s, after step %d", path, state.global_step)
         return state
 
     def remove(self) -> None:
