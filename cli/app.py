@@ -43,6 +43,8 @@ def setup_logging(quiet: bool, log_dir: str | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if log_dir:
         distributed.log_to_file(log_dir)
+    if not distributed.launched_as_main():
+        distributed.quiet_other_processes()
 
 
 def main() -> None:

@@ -144,7 +144,7 @@ class Checkpoints:
         tmp.write_text(json.dumps(meta, indent=1))
         _fsync(tmp)
         os.replace(tmp, self.folder / f"{name}.json")
-        logger.info("checkpoint %s (epoch %d, step %d)", path, state.epoch, state.global_step)
+        logger.info("checkpoint %s after step %d", path, state.global_step)
         for old in listed(self.folder)[:-KEEP]:
             old.unlink(missing_ok=True)
             old.with_suffix(".pt").unlink(missing_ok=True)
@@ -177,7 +177,7 @@ class Checkpoints:
                 if size is not None and file.exists():
                     os.truncate(file, size)
         state = state_type(**payload["loop"])
-        logger.info("resuming from %s: epoch %d, step %d", path, state.epoch + 1, state.global_step)
+        logger.info("resuming from %s, after step %d", path, state.global_step)
         return state
 
     def remove(self) -> None:
@@ -208,7 +208,8 @@ def should_resume(run_path: Path, resume: bool, overwrite: bool, config: dict) -
         )
     if resume and found is None:
         raise DatamanipError(
-            f"no checkpoint in {run_path / FOLDER} to resume from; run without --resume"
+            f"no checkpoint in {run_path / FOLDER} to resume from; run without --resume "
+            "(and with --overwrite if the run stopped before its first checkpoint)"
         )
     if found is not None and not finished:
         check_config(found, json.loads(json.dumps(config)))

@@ -53,7 +53,9 @@ def sum_(tensors: list[Tensor]) -> list[Tensor]:
     all-reduce instead of one per parameter); returns the same list."""
     if world_size() == 1 or not tensors:
         return tensors
-    for dtype in {t.dtype for t in tensors}:
+    # In order of first appearance: a set's order may differ between processes, and every
+    # process must issue the same all-reduces in the same order.
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
         group = [t for t in tensors if t.dtype == dtype]
         flat = torch.cat([t.reshape(-1) for t in group])
         torch.distributed.all_reduce(flat)
@@ -254,10 +256,11 @@ def end_process_group() -> None:
 
 
 def quiet_other_processes() -> None:
-    """Processes other than the main one print warnings only (to the terminal)."""
+    """Processes other than the main one print errors only to the terminal (the main process
+    says the rest once); their own log file (``--log-dir``) keeps everything."""
     for handler in logging.getLogger().handlers:
         if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
+            handler.setLevel(logging.ERROR)
 
 
 def log_to_file(folder: str) -> None:

@@ -408,7 +408,7 @@ def train(
     inner_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     val_positions = distributed.shard(torch.arange(len(val_data)))
     val_batches = [val_data.batch(p).to(device) for p in val_positions.split(64)]
-    check_shards(len(train_data), config.batch_size)
+    check_shards(len(train_data), config.batch_size, len(val_data))
     steps_per_epoch = -(-len(train_data) // config.batch_size)
     metrics = metrics or (lambda record: None)
     state = (checkpoints.restore(LoopState) if checkpoints else None) or LoopState()
@@ -529,9 +529,15 @@ def train(
     )
 
 
-def check_shards(num_examples: int, batch_size: int) -> None:
-    """Every process needs at least one example of every global batch, the last one included."""
+def check_shards(num_examples: int, batch_size: int, num_val: int) -> None:
+    """Every process needs at least one example of every global batch, the last one included,
+    and of the validation set."""
     n = distributed.world_size()
+    if num_val < n:
+        raise DatamanipError(
+            f"{num_val} validation examples cannot be shared by {n} processes; raise "
+            "--val-per-class or launch fewer processes"
+        )
     last = num_examples % batch_size or batch_size
     if min(batch_size, last) < n:
         raise DatamanipError(

@@ -158,32 +158,34 @@ def test_two_processes_learn_what_one_does(tiny_mirror, tiny_model_without_dropo
     assert "epoch 3" in (tmp_path / "logs" / "process_1.log").read_text()  # each logs its own
 
 
-def test_two_processes_on_real_sst2(shared_data, tiny_model_without_dropout, tmp_path):
-    out = tmp_path / "real"
-    args = [
-        "weight",
-        "--dataset",
-        "sst2",
-        "--data-dir",
-        str(shared_data),
-        "--model",
-        tiny_model_without_dropout,
-        "--imbalance",
-        "0.05",
-        "--majority-size",
-        "200",
-        "--epochs",
-        "1",
-        "--output-dir",
-        str(out),
-        "--quiet",
-    ]
-    wait(launch(args, 2))
+def test_two_processes_augment_real_sst2(shared_data, tmp_path):
+    """Learned augmentation (the first-order reward path, a shared augmenter) under two
+    processes on real SST-2: the MLM stage once in this process, then the launch."""
+    from typer.testing import CliRunner
+
+    from datamanip.cli import app
+    from tests.models import save_tiny_masked_lm, save_tiny_text_model
+
+    classifier = str(save_tiny_text_model(tmp_path / "classifier"))
+    mlm = str(save_tiny_masked_lm(tmp_path / "mlm"))
+    args = ["augment", "--dataset", "sst2", "--data-dir", str(shared_data), "--model", classifier,
+            "--augmenter-model", mlm, "--per-class", "8", "--val-per-class", "4", "--epochs", "1",
+            "--num-samples", "2", "--log-every", "1", "--quiet"]  # fmt: skip
+    stage = tmp_path / "stage"
+    result = CliRunner().invoke(
+        app, [*args, "--finetune-only", "--mlm-epochs", "1", "--output-dir", str(stage)]
+    )
+    assert result.exit_code == 0, result.output
+
+    out = tmp_path / "run"
+    augmenter = str(stage / "augmenter_finetuned")
+    wait(launch([*args, "--augmenter", augmenter, "--output-dir", str(out)], 2))
     results = json.loads((out / "results.json").read_text())
-    assert results["num_processes"] == 2 and results["test_size"] == 1821
-    weights = pd.read_parquet(out / "weights.parquet")
-    assert len(weights) == 210 and weights["id"].is_unique
-    assert (weights["weight"] != weights["weight"].iloc[0]).any()  # every shard's weights moved
+    assert results["num_processes"] == 2 and results["global_batch_size"] == 8
+    assert results["test_size"] == 1821 and 0 <= results["label_preservation"] <= 1
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward_loss" in r for r in records)  # the augmenter learned from the reward
+    assert (out / "augmenter" / "model.safetensors").is_file()
 
 
 def test_a_cpu_launch_that_starts_one_process_is_refused(
@@ -201,3 +203,27 @@ def test_a_cpu_launch_that_starts_one_process_is_refused(
     assert "error: accelerate launch --cpu --num_processes 2 started one process" in done.stderr
     assert "torchrun --nproc_per_node 2" in done.stderr
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_reductions_over_two_processes_equal_one_process(tmp_path):
+    """The building blocks on unequal shards, against the one-process computation."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from datamanip.manipulations.base import linear_normalise
+    from tests.distributed_worker import reductions
+
+    mp.start_processes(
+        reductions, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    w = torch.rand(7, generator=torch.Generator().manual_seed(0)) - 0.3
+    assert [len(r["positions"]) for r in results] == [4, 3]
+    for r in results:
+        assert torch.equal(r["gathered"], torch.arange(7) * 10)  # rank order, every process
+        assert torch.equal(r["sum"][0], torch.ones(3)) and torch.equal(r["sum"][1], torch.full((2,), 3.0, dtype=torch.float64))  # fmt: skip
+        assert r["scalar"] == 2.0
+    linear = torch.cat([r["linear"] for r in results])
+    softmax = torch.cat([r["softmax"] for r in results])
+    torch.testing.assert_close(linear, linear_normalise(w))
+    torch.testing.assert_close(softmax, torch.softmax(w / 0.5, dim=0))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from datamanip import distributed
 from datamanip.augmenter import content_mask, label_segments
 from datamanip.manipulations.base import Batch, Step, at_least_float32, twice_differentiable
 
@@ -186,7 +187,7 @@ class TextAugmentation:
             probs = gumbel_softmax(logits, self.tau, 1, self.generator)
         real = step.mean(step.example_losses())
         augmented = self.classifier_loss(step, rows, cols, probs)
-        self._log["augmented_loss"] = augmented.item()
+        self._log["augmented_loss"] = distributed.sum_scalar(augmented.item())  # every shard's
         return (real + augmented) / 2
 
     def log_values(self) -> dict[str, float]:
