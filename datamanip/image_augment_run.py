@@ -11,14 +11,23 @@ Beyond a weighting run's files, the run directory holds::
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
+from datamanip import distributed
+from datamanip.checkpoint import should_resume
 from datamanip.config import RunConfig
 from datamanip.data import Subsets
-from datamanip.engine import TrainConfig, predict, train
+from datamanip.engine import predict, train
 from datamanip.errors import DatamanipError
-from datamanip.experiment import build_optimizer, load_model_and_data, test_metrics
+from datamanip.experiment import (
+    build_optimizer,
+    load_model_and_data,
+    run_checkpoints,
+    test_metrics,
+    train_settings,
+)
 from datamanip.image_transforms import ImageAugmenter, draw
 from datamanip.manipulations import NoManipulation
 from datamanip.manipulations.image_augment import ImageAugmentation
@@ -48,18 +57,20 @@ def run_one_image_augmentation(
     config: RunConfig, subsets: Subsets, num_labels: int, progress_factory=None
 ) -> dict:
     """One training seed of image augmentation: trains, evaluates, writes the run directory."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     from datamanip.augment_run import sample_positions
 
     started = time.perf_counter()
-    rundir = RunDir(config.output_dir, overwrite=config.overwrite)
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = distributed.make_accelerator(config.mixed_precision)
+    main = accelerator.is_main_process
+    settings = config.to_dict() | distributed.batch_record(config.batch_size)
+    resume = should_resume(Path(config.output_dir), config.resume, config.overwrite, settings)
+    rundir = RunDir(config.output_dir, overwrite=config.overwrite, resume=resume, main=main)
+    distributed.barrier()  # every process has checked the run directory before it changes
     set_seed(config.seed)
     model, _, (train_enc, val_enc, test_enc), _ = load_model_and_data(config, subsets, num_labels)
+    distributed.seed_processes(config.seed)
 
     augmentation = None
     if config.method != "none":
@@ -69,52 +80,44 @@ def run_one_image_augmentation(
             learned=config.method == "learned",
             num_samples=config.num_samples,
             lr=config.augmenter_lr,
-            seed=config.seed,
+            seed=config.seed + 1_000_003 * distributed.rank(),  # each process its own draws
         )
         initial = augmenter.settings()
     manipulation = augmentation or NoManipulation(train_enc.labels, num_labels)
 
-    rundir.write_config(
-        config.to_dict()
-        | {
-            "num_processes": accelerator.num_processes,
-            "global_batch_size": config.batch_size * accelerator.num_processes,
-            "subsets": subsets.summary,
-        }
-    )
+    rundir.write_config(settings | {"subsets": subsets.summary})
     optimizer = build_optimizer(model, config.lr, config.weight_decay, config.optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
+    checkpoints = run_checkpoints(config, rundir, accelerator, model, optimizer, manipulation)
 
     shown = sample_positions(len(train_enc), num_labels, train_enc.labels)
     rows: list[torch.Tensor] = []
 
     def write_samples(epoch: int) -> None:
-        if augmentation is not None:
+        # After a resume the grid holds the epochs since the resume (the rows live in memory).
+        if augmentation is not None and main:
             rows.append(augmented_samples(augmentation, train_enc, shown, accelerator.device))
             originals = train_enc.plain().batch(torch.tensor(shown)).inputs["pixel_values"]
             sample_grid(originals, rows, train_enc.mean, train_enc.std, rundir.path / "samples.png")
 
-    train_config = TrainConfig(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        warmup_epochs=config.warmup_epochs,
-        seed=config.seed,
-        log_every=config.log_every,
-    )
-    progress = progress_factory(config) if progress_factory else None
+    progress = progress_factory(config) if progress_factory and main else None
     result = train(
         model,
         optimizer,
         manipulation,
         train_enc,
         val_enc,
-        train_config,
+        train_settings(config),
         accelerator,
         metrics=rundir.log_metrics,
         progress=progress,
         on_epoch_end=write_samples,
+        checkpoints=checkpoints,
     )
+    if not main:  # the main process evaluates and writes; every process holds the same model
+        distributed.barrier()
+        return {}
     if augmentation is not None:
         rundir.write_json(
             "augmenter.json",
@@ -140,7 +143,7 @@ def run_one_image_augmentation(
         "train_size": len(subsets.train),
         "val_size": len(subsets.val),
         "notes": subsets.notes,
-        "num_processes": accelerator.num_processes,
+        **distributed.batch_record(config.batch_size),
         "train_wall_time_s": result.wall_time_s,
         "wall_time_s": time.perf_counter() - started,
         "output_dir": str(rundir.path),
@@ -148,6 +151,8 @@ def run_one_image_augmentation(
     if augmentation is not None:
         results |= label_preservation(augmentation, inner, train_enc.plain(), accelerator.device)
     rundir.write_json("results.json", results)
+    checkpoints.remove()
+    distributed.barrier()
     return results
 
 

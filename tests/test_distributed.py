@@ -227,3 +227,54 @@ def test_reductions_over_two_processes_equal_one_process(tmp_path):
     softmax = torch.cat([r["softmax"] for r in results])
     torch.testing.assert_close(linear, linear_normalise(w))
     torch.testing.assert_close(softmax, torch.softmax(w / 0.5, dim=0))
+
+
+def test_two_processes_weight_images(tmp_path):
+    """Learned weighting on an image folder under two processes: one run directory, complete.
+
+    Not compared number for number with one process: BatchNorm normalises each process's shard
+    by that shard's statistics (as under DDP without SyncBatchNorm), so two processes train a
+    slightly different model by design. What must hold is the run: every process's examples
+    weighted, one weights.parquet with every training image, one results table.
+    """
+    from tests.models import tiny_resnet
+    from tests.test_images import write_image_folder
+
+    folder = write_image_folder(tmp_path / "pets", per_class=30)
+    tiny_resnet().save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "run"
+    args = ["weight", "--dataset", str(folder), "--imbalance", "0.5", "--majority-size", "20",
+            "--val-per-class", "4", "--model", str(tmp_path / "tiny"), "--epochs", "2",
+            "--batch-size", "6", "--log-every", "1", "--output-dir", str(out)]  # fmt: skip
+    output = wait(launch(args, 2))
+    assert output.count("┃ seed") == 1  # one results table
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_processes"] == 2 and results["global_batch_size"] == 6
+    weights = pd.read_parquet(out / "weights.parquet")
+    assert len(weights) == 30 and weights["path"].str.endswith(".png").all()
+    # Every training image was seen by one process or the other, and its weight moved.
+    w_init = yaml.safe_load((out / "config.yaml").read_text())["w_init"]
+    assert (weights["weight"] != w_init).all()
+
+
+def test_two_processes_augment_images(tmp_path):
+    """Learned image augmentation under two processes: the shared transforms learn from the
+    reward (each process draws its own transforms for its shard), one run directory."""
+    from tests.models import tiny_resnet
+    from tests.test_images import write_image_folder
+
+    folder = write_image_folder(tmp_path / "pets", per_class=20)
+    tiny_resnet().save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "run"
+    args = ["augment", "--dataset", str(folder), "--per-class", "8", "--val-per-class", "4",
+            "--model", str(tmp_path / "tiny"), "--epochs", "2", "--batch-size", "4",
+            "--num-samples", "1", "--log-every", "1", "--output-dir", str(out)]  # fmt: skip
+    output = wait(launch(args, 2))
+    assert output.count("┃ seed") == 1  # one results table
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_processes"] == 2 and 0 <= results["label_preservation"] <= 1
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward_loss" in r for r in records)
+    settings = json.loads((out / "augmenter.json").read_text())
+    assert settings["final"] != settings["initial"]  # moved by the reward
+    assert (out / "samples.png").is_file()

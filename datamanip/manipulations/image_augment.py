@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from datamanip import distributed
 from datamanip.image_transforms import Draws, ImageAugmenter, draw
 from datamanip.manipulations.base import Batch, Step, at_least_float32, twice_differentiable
 
@@ -76,7 +77,9 @@ class ImageAugmentation:
         state |= {name: b.clone() for name, b in model.named_buffers()}  # updated in place
         logits = functional_call(model, state, args=(), kwargs={"pixel_values": pixels}).logits
         labels = step.batch.labels.repeat(copies)
-        return nn.functional.cross_entropy(at_least_float32(logits), labels)
+        # This shard's share of the global batch's mean (the mean itself with one process).
+        losses = nn.functional.cross_entropy(at_least_float32(logits), labels, reduction="none")
+        return losses.sum() / (copies * (step.total or len(step.batch.labels)))
 
     # --- the protocol --------------------------------------------------------------------
 
@@ -110,11 +113,14 @@ class ImageAugmentation:
         """Mean loss over the real batch and one fresh augmented copy of it."""
         with torch.no_grad():
             pixels = self.augment(step.batch, 1)
-        real = step.example_losses()
+        real = step.mean(step.example_losses())
         logits = step.model(pixel_values=pixels).logits
-        augmented = nn.functional.cross_entropy(at_least_float32(logits), step.batch.labels)
-        self._log["augmented_loss"] = augmented.item()
-        return (real.sum() + augmented * len(real)) / (2 * len(real))
+        losses = nn.functional.cross_entropy(
+            at_least_float32(logits), step.batch.labels, reduction="none"
+        )
+        augmented = step.mean(losses)
+        self._log["augmented_loss"] = distributed.sum_scalar(augmented.item())  # every shard's
+        return (real + augmented) / 2
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log) | self.augmenter.settings()
