@@ -142,6 +142,51 @@ class Manipulation(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class AugmentationState:
+    """What the text and image augmentations share: the augmenter, trained by Adam from the
+    reward (``learned``) or never updated (``fixed``), a generator for its random draws, and
+    the state a checkpoint keeps of them.
+
+    Args:
+        augmenter: the module whose trainable parameters are φ.
+        learned: True for ``learned`` (a φ step each reward step), False for ``fixed``.
+        num_samples: K, augmented copies of the batch in the lookahead.
+        lr: Adam learning rate of φ.
+        seed: fixes the random draws.
+    """
+
+    def __init__(self, augmenter: nn.Module, learned: bool, num_samples: int, lr: float, seed: int):
+        self.augmenter = augmenter
+        self.learned = learned
+        self.name = "learned" if learned else "fixed"
+        self.uses_reward = learned
+        self.num_samples = num_samples
+        self.generator = torch.Generator().manual_seed(seed)
+        self.phi = [p for p in augmenter.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.phi, lr=lr) if learned else None
+        if not learned:
+            augmenter.requires_grad_(False)
+        self._log: dict[str, float] = {}
+
+    def example_weights(self) -> np.ndarray | None:
+        return None
+
+    def state_dict(self) -> dict:
+        state = {
+            "augmenter": {k: v.detach().clone() for k, v in self.augmenter.state_dict().items()},
+            "generator": self.generator.get_state(),
+        }
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.augmenter.load_state_dict(state["augmenter"])
+        self.generator.set_state(state["generator"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+
 def mean_per_class(values: Tensor, labels: Tensor, num_labels: int, prefix: str) -> dict:
     """``{prefix/class_k: mean of values over examples of class k}`` for classes present."""
     out = {}

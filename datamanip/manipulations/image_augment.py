@@ -18,19 +18,24 @@ statistics the validation forward and evaluation use.
 
 import logging
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from datamanip import distributed
 from datamanip.image_transforms import Draws, ImageAugmenter, draw
-from datamanip.manipulations.base import Batch, Step, at_least_float32, twice_differentiable
+from datamanip.manipulations.base import (
+    AugmentationState,
+    Batch,
+    Step,
+    at_least_float32,
+    twice_differentiable,
+)
 
 logger = logging.getLogger(__name__)
 
 
-class ImageAugmentation:
+class ImageAugmentation(AugmentationState):
     """Augmentation by learnable image transforms; ``learned`` trains them by the reward.
 
     Args:
@@ -49,17 +54,7 @@ class ImageAugmentation:
         lr: float = 1e-2,
         seed: int = 0,
     ):
-        self.augmenter = augmenter
-        self.learned = learned
-        self.name = "learned" if learned else "fixed"
-        self.uses_reward = learned
-        self.num_samples = num_samples
-        self.generator = torch.Generator().manual_seed(seed)
-        self.phi = list(augmenter.parameters())
-        self.optimizer = torch.optim.Adam(self.phi, lr=lr) if learned else None
-        if not learned:
-            augmenter.requires_grad_(False)
-        self._log: dict[str, float] = {}
+        super().__init__(augmenter, learned, num_samples, lr, seed)
 
     def augment(self, batch: Batch, copies: int, draws: Draws | None = None) -> Tensor:
         """[copies·batch, 3, H, W] augmented ``pixel_values``, differentiable in φ."""
@@ -124,21 +119,3 @@ class ImageAugmentation:
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log) | self.augmenter.settings()
-
-    def example_weights(self) -> np.ndarray | None:
-        return None
-
-    def state_dict(self) -> dict:
-        state = {
-            "augmenter": {k: v.detach().clone() for k, v in self.augmenter.state_dict().items()},
-            "generator": self.generator.get_state(),
-        }
-        if self.optimizer is not None:
-            state["optimizer"] = self.optimizer.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.augmenter.load_state_dict(state["augmenter"])
-        self.generator.set_state(state["generator"])
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])

@@ -13,14 +13,19 @@ through ``inputs_embeds``, so the validation loss of the lookahead reaches the a
 ``fixed`` is the same augmenter never updated by the reward (the CBERT baseline of the paper).
 """
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from datamanip import distributed
 from datamanip.augmenter import content_mask, label_segments
-from datamanip.manipulations.base import Batch, Step, at_least_float32, twice_differentiable
+from datamanip.manipulations.base import (
+    AugmentationState,
+    Batch,
+    Step,
+    at_least_float32,
+    twice_differentiable,
+)
 
 
 def masked_count(length: int) -> int:
@@ -74,7 +79,7 @@ def soft_embeddings(input_ids: Tensor, rows: Tensor, cols: Tensor, probs: Tensor
     return out.flatten(0, 1)
 
 
-class TextAugmentation:
+class TextAugmentation(AugmentationState):
     """Augmentation by a label-conditional masked LM; ``learned`` trains it by the reward.
 
     Args:
@@ -98,19 +103,10 @@ class TextAugmentation:
         lr: float = 4e-5,
         seed: int = 0,
     ):
-        self.augmenter = augmenter
+        super().__init__(augmenter, learned, num_samples, lr, seed)
         self.special_ids = list(special_ids)
         self.mask_id = mask_id
-        self.learned = learned
-        self.name = "learned" if learned else "fixed"
-        self.uses_reward = learned
-        self.num_samples, self.tau = num_samples, tau
-        self.generator = torch.Generator().manual_seed(seed)
-        self.phi = [p for p in augmenter.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.phi, lr=lr) if learned else None
-        if not learned:
-            augmenter.requires_grad_(False)
-        self._log: dict[str, float] = {}
+        self.tau = tau
 
     # --- sampling ------------------------------------------------------------------------
 
@@ -192,24 +188,6 @@ class TextAugmentation:
 
     def log_values(self) -> dict[str, float]:
         return dict(self._log)
-
-    def example_weights(self) -> np.ndarray | None:
-        return None
-
-    def state_dict(self) -> dict:
-        state = {
-            "augmenter": {k: v.detach().clone() for k, v in self.augmenter.state_dict().items()},
-            "generator": self.generator.get_state(),
-        }
-        if self.optimizer is not None:
-            state["optimizer"] = self.optimizer.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.augmenter.load_state_dict(state["augmenter"])
-        self.generator.set_state(state["generator"])
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
 
     # --- what the run shows --------------------------------------------------------------
 
