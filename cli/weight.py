@@ -103,7 +103,7 @@ def weight(
         None, help="Validation examples per reward step, drawn at random (default: all)."
     ),
     manipulate_until: float = typer.Option(
-        1.0, help="Manipulate this fraction of training steps, then train plainly."
+        1.0, help="Manipulate this fraction of the steps after warm-up, then train plainly."
     ),
     log_every: int = typer.Option(10, help="Steps between lines of metrics.jsonl."),
     log_with: str = typer.Option(

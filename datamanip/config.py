@@ -67,7 +67,7 @@ class RunConfig:
     # budget knobs (README, "Cost and budget knobs")
     reward_every: int = 1  # a reward step every k-th manipulated step
     val_batch_size: int | None = None  # validation examples per reward step (None: all)
-    manipulate_until: float = 1.0  # fraction of training steps with the manipulation
+    manipulate_until: float = 1.0  # fraction of the steps after warm-up with the manipulation
     log_every: int = 10
     log_with: list[str] | None = None
     log_dir: str | None = None  # every process logs to LOG_DIR/process_RANK.log

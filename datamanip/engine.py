@@ -341,11 +341,12 @@ def step_plan(config: TrainConfig, step: int, steps_per_epoch: int, uses_reward:
     resumed run keeps the schedule.
 
     The manipulation is off in the warm-up epochs of a reward-learning manipulation and after
-    the fraction ``manipulate_until`` of all steps; its reward step runs on every
-    ``reward_every``-th manipulated step.
+    the fraction ``manipulate_until`` of the steps that follow them; its reward step runs on
+    every ``reward_every``-th manipulated step.
     """
     warmup_steps = config.warmup_epochs * steps_per_epoch if uses_reward else 0
-    manipulated_steps = math.ceil(config.manipulate_until * config.epochs * steps_per_epoch)
+    after_warmup = config.epochs * steps_per_epoch - warmup_steps
+    manipulated_steps = warmup_steps + math.ceil(config.manipulate_until * after_warmup)
     manipulating = warmup_steps <= step < manipulated_steps
     reward = uses_reward and manipulating and (step - warmup_steps) % config.reward_every == 0
     return manipulating, reward

@@ -162,3 +162,16 @@ def test_ren_trains_plainly_on_a_step_without_its_reward_step():
     assert torch.allclose(ren.train_loss(first), first.example_losses()[0])
     second = Step(data.batch(torch.arange(4, 8)), model)
     assert torch.allclose(ren.train_loss(second), second.example_losses().mean())
+
+
+def test_manipulate_until_counts_the_steps_after_warm_up():
+    from datamanip.engine import step_plan
+
+    # 4 epochs of 5 steps, 2 of them warm-up: 10 steps after it, the first 5 manipulated.
+    config = TrainConfig(epochs=4, warmup_epochs=2, manipulate_until=0.5, reward_every=2)
+    plans = [step_plan(config, s, 5, uses_reward=True) for s in range(20)]
+    assert [m for m, _ in plans] == [False] * 10 + [True] * 5 + [False] * 5
+    assert [s for s, (_, r) in enumerate(plans) if r] == [10, 12, 14]
+    # Without a reward (proportion), warm-up does not apply: the first half of all steps.
+    plain = [step_plan(config, s, 5, uses_reward=False) for s in range(20)]
+    assert [m for m, _ in plain] == [True] * 10 + [False] * 10 and not any(r for _, r in plain)
