@@ -24,7 +24,6 @@ from datamanip.augmenter import (
     read_augmenter_info,
     save_augmenter,
 )
-from datamanip.checkpoint import should_resume
 from datamanip.config import RunConfig, resolve
 from datamanip.data import Subsets
 from datamanip.engine import predict, train
@@ -34,6 +33,7 @@ from datamanip.experiment import (
     default_output_dir,
     finished_seed,
     load_subsets,
+    open_run,
     run_checkpoints,
     summarise,
     test_metrics,
@@ -228,14 +228,8 @@ def run_one_augmentation(
     from accelerate.utils import set_seed
 
     started = time.perf_counter()
-    accelerator = distributed.make_accelerator(config.mixed_precision)
+    accelerator, rundir = open_run(config, keep=keep)
     main = accelerator.is_main_process
-    settings = config.to_dict() | distributed.batch_record(config.batch_size)
-    resume = should_resume(Path(config.output_dir), config.resume, config.overwrite, settings)
-    rundir = RunDir(
-        config.output_dir, overwrite=config.overwrite, keep=keep, resume=resume, main=main
-    )
-    distributed.barrier()  # every process has checked the run directory before it changes
     set_seed(config.seed)
     model, tokenizer = load_text_classifier(config.model, num_labels)
     distributed.seed_processes(config.seed)

@@ -217,15 +217,9 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
     from accelerate.utils import set_seed
 
     started = time.perf_counter()
-    accelerator = distributed.make_accelerator(
-        config.mixed_precision,
-        **tracking.accelerator_options(config.log_with, Path(config.output_dir)),
-    )
+    options = tracking.accelerator_options(config.log_with, Path(config.output_dir))
+    accelerator, rundir = open_run(config, **options)
     main = accelerator.is_main_process
-    settings = config.to_dict() | distributed.batch_record(config.batch_size)
-    resume = should_resume(Path(config.output_dir), config.resume, config.overwrite, settings)
-    rundir = RunDir(config.output_dir, overwrite=config.overwrite, resume=resume, main=main)
-    distributed.barrier()  # every process has checked the run directory before it changes
     set_seed(config.seed)  # also fixes the fresh classification head
     model, tokenizer, (train_enc, val_enc, test_enc), truncated = load_model_and_data(
         config, subsets, num_labels
@@ -294,6 +288,23 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
     checkpoints.remove()
     distributed.barrier()
     return results
+
+
+def open_run(config: RunConfig, keep=(), **accelerator_options):
+    """The run's accelerator and run directory: a fresh run, or a resumed one whose settings
+    match, checked by every process before any of them changes the directory."""
+    accelerator = distributed.make_accelerator(config.mixed_precision, **accelerator_options)
+    settings = config.to_dict() | distributed.batch_record(config.batch_size)
+    resume = should_resume(Path(config.output_dir), config.resume, config.overwrite, settings)
+    rundir = RunDir(
+        config.output_dir,
+        overwrite=config.overwrite,
+        keep=keep,
+        resume=resume,
+        main=accelerator.is_main_process,
+    )
+    distributed.barrier()
+    return accelerator, rundir
 
 
 def run_checkpoints(

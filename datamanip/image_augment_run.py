@@ -11,12 +11,10 @@ Beyond a weighting run's files, the run directory holds::
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 
 from datamanip import distributed
-from datamanip.checkpoint import should_resume
 from datamanip.config import RunConfig
 from datamanip.data import Subsets
 from datamanip.engine import predict, train
@@ -24,6 +22,7 @@ from datamanip.errors import DatamanipError
 from datamanip.experiment import (
     build_optimizer,
     load_model_and_data,
+    open_run,
     run_checkpoints,
     test_metrics,
     train_settings,
@@ -31,7 +30,6 @@ from datamanip.experiment import (
 from datamanip.image_transforms import ImageAugmenter, draw
 from datamanip.manipulations import NoManipulation
 from datamanip.manipulations.image_augment import ImageAugmentation
-from datamanip.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +60,9 @@ def run_one_image_augmentation(
     from datamanip.augment_run import sample_positions
 
     started = time.perf_counter()
-    accelerator = distributed.make_accelerator(config.mixed_precision)
+    accelerator, rundir = open_run(config)
     main = accelerator.is_main_process
     settings = config.to_dict() | distributed.batch_record(config.batch_size)
-    resume = should_resume(Path(config.output_dir), config.resume, config.overwrite, settings)
-    rundir = RunDir(config.output_dir, overwrite=config.overwrite, resume=resume, main=main)
-    distributed.barrier()  # every process has checked the run directory before it changes
     set_seed(config.seed)
     model, _, (train_enc, val_enc, test_enc), _ = load_model_and_data(config, subsets, num_labels)
     distributed.seed_processes(config.seed)
