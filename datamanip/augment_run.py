@@ -31,12 +31,11 @@ from datamanip.errors import DatamanipError
 from datamanip.experiment import (
     build_optimizer,
     default_output_dir,
-    finished_seed,
     load_subsets,
     open_run,
     run_checkpoints,
-    summarise,
-    test_metrics,
+    run_results,
+    run_seeds,
     train_settings,
 )
 from datamanip.manipulations import NoManipulation
@@ -95,25 +94,7 @@ def run_augmentation(config: RunConfig, progress_factory=None) -> dict:
             standalone=False,
         )
         config = dataclasses.replace(config, augmenter=stage["augmenter"])
-    runs = []
-    for seed in config.seeds:
-        seed_config = dataclasses.replace(
-            config,
-            seed=seed,
-            seeds=None,
-            resume=False,  # a started seed continues by itself (its checkpoints)
-            output_dir=str(root.path / f"seed_{seed}"),
-        )
-        done = finished_seed(config.resume, seed_config)
-        runs.append(
-            done
-            if done is not None
-            else run_one(seed_config, subsets, num_labels, progress_factory)
-        )
-        if runs[-1]:  # the main process's; the others return nothing
-            summary = summarise(config, runs)
-            root.write_json("summary.json", summary)
-    return summary if runs[-1] else {}
+    return run_seeds(config, root, run_one, subsets, num_labels, progress_factory)
 
 
 def check_classes(subsets: Subsets, num_labels: int) -> None:
@@ -291,24 +272,8 @@ def run_one_augmentation(
     inner.load_state_dict(result.best_state)
     test_preds, _ = predict(inner, test_enc, accelerator.device)
     rundir.save_model(inner, tokenizer)
-    results = test_metrics(subsets.test.labels, test_preds, num_labels) | {
-        "command": "augment",
-        "method": config.method,
-        "seed": config.seed,
-        "val_accuracy": result.best_val_accuracy,
-        "best_epoch": result.best_epoch,
-        "epochs": config.epochs,
-        "test_split": subsets.test_split,
-        "test_size": len(subsets.test),
-        "train_size": len(subsets.train),
-        "val_size": len(subsets.val),
-        "notes": subsets.notes,
-        "truncated": truncated,
-        **distributed.batch_record(config.batch_size),
-        "train_wall_time_s": result.wall_time_s,
-        "wall_time_s": time.perf_counter() - started,
-        "output_dir": str(rundir.path),
-    }
+    results = run_results(config, subsets, num_labels, test_preds, result, started, rundir)
+    results |= {"command": "augment", "truncated": truncated}
     if augmentation is not None:
         results |= label_preservation(augmentation, inner, train_enc, accelerator.device)
         results["augmenter"] = config.augmenter

@@ -116,9 +116,14 @@ def run_weighting(config: RunConfig, progress_factory=None) -> dict:
         resume=config.resume,
         main=distributed.launched_as_main(),
     )
-    subsets, num_labels = load_subsets(
-        config
-    )  # one subset for every seed: only the training seed varies
+    subsets, num_labels = load_subsets(config)  # one subset for every seed: only the seed varies
+    return run_seeds(config, root, run_one, subsets, num_labels, progress_factory)
+
+
+def run_seeds(config: RunConfig, root: RunDir, run_one, subsets, num_labels, progress_factory):
+    """Runs ``run_one`` for each of ``config.seeds`` into ``ROOT/seed_K`` on the same subsets,
+    skipping seeds a resumed run already finished; ``summary.json`` is rewritten after each.
+    Returns the summary (an empty dict on processes other than the main one)."""
     runs = []
     for seed in config.seeds:
         seed_config = dataclasses.replace(
@@ -136,7 +141,7 @@ def run_weighting(config: RunConfig, progress_factory=None) -> dict:
         )
         if runs[-1]:  # the main process's; the others return nothing
             summary = summarise(config, runs)
-            root.write_json("summary.json", summary)  # rewritten after every seed
+            root.write_json("summary.json", summary)
     return summary if runs[-1] else {}
 
 
@@ -265,23 +270,8 @@ def run_one(config: RunConfig, subsets: Subsets, num_labels: int, progress_facto
     inner.load_state_dict(result.best_state)
     test_preds, _ = predict(inner, test_enc, accelerator.device)
     rundir.save_model(inner, tokenizer)
-    results = test_metrics(subsets.test.labels, test_preds, num_labels) | {
-        "method": config.method,
-        "seed": config.seed,
-        "val_accuracy": result.best_val_accuracy,
-        "best_epoch": result.best_epoch,
-        "epochs": config.epochs,
-        "test_split": subsets.test_split,
-        "test_size": len(subsets.test),
-        "train_size": len(subsets.train),
-        "val_size": len(subsets.val),
-        "notes": subsets.notes,
-        "truncated": truncated,
-        **distributed.batch_record(config.batch_size),
-        "train_wall_time_s": result.wall_time_s,
-        "wall_time_s": time.perf_counter() - started,
-        "output_dir": str(rundir.path),
-    }
+    results = run_results(config, subsets, num_labels, test_preds, result, started, rundir)
+    results["truncated"] = truncated
     if "flipped" in weights:
         results["label_noise"] = noise_detection(weights, config.method)  # datamanip.noise
     rundir.write_json("results.json", results)
@@ -354,6 +344,27 @@ def load_model_and_data(config: RunConfig, subsets: Subsets, num_labels: int):
             "examples longer than --max-length %d were cut: %s", config.max_length, truncated
         )
     return model, tokenizer, splits, truncated
+
+
+def run_results(config, subsets, num_labels, test_preds, result, started, rundir) -> dict:
+    """What every run's ``results.json`` holds: test metrics at the best-validation epoch,
+    the subsets' sizes and notes, the processes and the wall time."""
+    return test_metrics(subsets.test.labels, test_preds, num_labels) | {
+        "method": config.method,
+        "seed": config.seed,
+        "val_accuracy": result.best_val_accuracy,
+        "best_epoch": result.best_epoch,
+        "epochs": config.epochs,
+        "test_split": subsets.test_split,
+        "test_size": len(subsets.test),
+        "train_size": len(subsets.train),
+        "val_size": len(subsets.val),
+        "notes": subsets.notes,
+        **distributed.batch_record(config.batch_size),
+        "train_wall_time_s": result.wall_time_s,
+        "wall_time_s": time.perf_counter() - started,
+        "output_dir": str(rundir.path),
+    }
 
 
 def test_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict:

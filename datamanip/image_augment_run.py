@@ -24,7 +24,7 @@ from datamanip.experiment import (
     load_model_and_data,
     open_run,
     run_checkpoints,
-    test_metrics,
+    run_results,
     train_settings,
 )
 from datamanip.image_transforms import ImageAugmenter, draw
@@ -125,23 +125,10 @@ def run_one_image_augmentation(
     inner.load_state_dict(result.best_state)
     test_preds, _ = predict(inner, test_enc, accelerator.device)
     rundir.save_model(inner, None)
-    results = test_metrics(subsets.test.labels, test_preds, num_labels) | {
+    results = run_results(config, subsets, num_labels, test_preds, result, started, rundir)
+    results |= {
         "test_accuracy_last_epoch": float((last_preds == subsets.test.labels).mean()),
         "command": "augment",
-        "method": config.method,
-        "seed": config.seed,
-        "val_accuracy": result.best_val_accuracy,
-        "best_epoch": result.best_epoch,
-        "epochs": config.epochs,
-        "test_split": subsets.test_split,
-        "test_size": len(subsets.test),
-        "train_size": len(subsets.train),
-        "val_size": len(subsets.val),
-        "notes": subsets.notes,
-        **distributed.batch_record(config.batch_size),
-        "train_wall_time_s": result.wall_time_s,
-        "wall_time_s": time.perf_counter() - started,
-        "output_dir": str(rundir.path),
     }
     if augmentation is not None:
         results |= label_preservation(augmentation, inner, train_enc.plain(), accelerator.device)
