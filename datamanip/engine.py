@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from datamanip import distributed
+from datamanip.embedding_rows import EmbeddingRows
 from datamanip.errors import DatamanipError
 from datamanip.lookahead import lookahead
 from datamanip.manipulations.base import (
@@ -140,6 +141,7 @@ def example_reward_gradients(
     phi: list[Tensor],
     val: list[Batch],
     autocast=None,
+    compact_embedding: bool = True,
 ) -> tuple[list[Tensor], float]:
     """∂L_val(θ')/∂φ when the lookahead loss is Σ_i c_i(φ) ℓ_i: the fast path of weighting.
 
@@ -159,6 +161,8 @@ def example_reward_gradients(
         coeffs: [batch] c(φ), differentiable in ``phi``.
         phi: the tensors the reward gradient is wanted for.
         val: the validation batches.
+        compact_embedding: False holds the whole word embedding (the reference the compact
+            one is tested against).
 
     Returns:
         ``(grads, val_loss)`` as :func:`reward_gradients` returns them.
@@ -174,8 +178,20 @@ def example_reward_gradients(
         materialize_grads=True,
     )
     distributed.sum_(grads)  # Σ_i c_i ∇ℓ_i over the global batch
+    # The word embedding only on the rows the batch and the validation set look up.
+    rows = EmbeddingRows.of(model, params, [step.batch, *val]) if compact_embedding else None
+    inputs, at = step.batch.inputs, params
+    if rows is not None:
+        grads, at = rows.take(grads), rows.take(params)
+        val, inputs = [rows.batch(b) for b in val], rows.batch(step.batch).inputs
     # Hold θ' and P (in the gradients' buffers) through the validation pass; then only u.
-    new_params, precond = lookahead(optimizer, params, grads, precond_into_grads=True)
+    new_params, precond = lookahead(
+        optimizer,
+        params,
+        grads,
+        precond_into_grads=True,
+        rows={rows.index: rows.rows} if rows is not None else None,
+    )
     del grads
     val_loss, directions = validation_gradient(model, dict(zip(names, new_params)), val, autocast)
     del new_params
@@ -183,7 +199,8 @@ def example_reward_gradients(
         u.mul_(p)  # u = P ∇L_val(θ'), in place of the validation gradient
     del precond
 
-    d = directional_derivatives(model, step, names, params, directions)
+    eps = difference_scale(params, directions)  # the scale of all of θ, not of the kept rows
+    d = directional_derivatives(model, step, names, at, directions, eps, inputs)
     # Each process's φ are its own examples' coefficients: nothing to reduce.
     phi_grads = torch.autograd.grad(
         (coeffs * d.to(coeffs.dtype)).sum(), phi, allow_unused=True, materialize_grads=True
@@ -269,10 +286,17 @@ def difference_scale(params: list[Tensor], directions: list[Tensor]) -> float:
 
 @torch.no_grad()
 def directional_derivatives(
-    model: nn.Module, step: Step, names: list[str], params: list[Tensor], directions: list[Tensor]
+    model: nn.Module,
+    step: Step,
+    names: list[str],
+    params: list[Tensor],
+    directions: list[Tensor],
+    eps: float,
+    inputs: dict[str, Tensor],
 ) -> Tensor:
-    """[batch] d_i = ∇ℓ_i(θ)ᵀ u by a central difference over two graph-free forwards."""
-    eps = difference_scale(params, directions)
+    """[batch] d_i = ∇ℓ_i(θ)ᵀ u by a central difference over two graph-free forwards at
+    θ ± εu on ``inputs`` (the step's batch, its ids renumbered where ``params`` holds a
+    compact word embedding)."""
     if eps == 0.0:
         return torch.zeros_like(step.example_losses())
     # One buffer serves both points: θ + εu, then moved in place to θ − εu.
@@ -283,7 +307,7 @@ def directional_derivatives(
             torch._foreach_add_(shifted, directions, alpha=-2 * eps)
         with restore_rng(step.rng_state):  # the same dropout masks as the training forward
             at = dict(zip(names, shifted)) | scratch_buffers(model)
-            logits = functional_call(model, at, args=(), kwargs=step.batch.inputs).logits
+            logits = functional_call(model, at, args=(), kwargs=inputs).logits
         shifted_losses.append(
             nn.functional.cross_entropy(
                 at_least_float32(logits).double(), step.batch.labels, reduction="none"

@@ -23,6 +23,7 @@ def lookahead(
     params: list[Tensor],
     grads: list[Tensor],
     precond_into_grads: bool = False,
+    rows: dict[int, Tensor] | None = None,
 ) -> tuple[list[Tensor], list[Tensor | float]]:
     """Returns θ' = θ + Δ and the preconditioner P = ∂Δ/∂g, leaving the optimiser untouched.
 
@@ -32,13 +33,15 @@ def lookahead(
         grads: the batch gradient for each parameter (detached).
         precond_into_grads: write each tensor P into its gradient's buffer (the gradients are
             lost), so that θ', P and g are never all held at once.
+        rows: for parameter ``params[k]``, the rows ``rows[k]`` alone: its gradient holds only
+            those rows, and so do its θ' and P (:mod:`datamanip.embedding_rows`).
 
     Returns:
         ``(new_params, precond)``: detached tensors θ', and per parameter either a tensor or a
         float P such that a small change dg of the gradient moves θ' by P * dg.
     """
     new_params, precond = [], []
-    for grad, (new, p) in zip(grads, _steps(optimizer, params, grads)):
+    for grad, (new, p) in zip(grads, _steps(optimizer, params, grads, rows or {})):
         new_params.append(new)
         if precond_into_grads and torch.is_tensor(p):
             p = grad.copy_(p)
@@ -46,32 +49,41 @@ def lookahead(
     return new_params, precond
 
 
-def _steps(optimizer, params, grads):
+def _steps(optimizer, params, grads, rows):
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
     settings = _param_settings(optimizer)
-    for param, grad in zip(params, grads):
+    for k, (param, grad) in enumerate(zip(params, grads)):
         group = settings.get(id(param))
         if group is None:
             raise DatamanipError(
                 "a model parameter is not in the optimiser; build it from model.parameters()"
             )
         state = optimizer.state.get(param, {})
+        param = param.detach()
+        if k in rows:  # the parameter and its per-element state on the kept rows
+            shape = param.shape
+            param = param[rows[k]]
+            state = {n: s[rows[k]] if _per_element(s, shape) else s for n, s in state.items()}
         if isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)):
             new, p = _adam(
-                param.detach(),
+                param,
                 grad,
                 state,
                 group,
                 decoupled=isinstance(optimizer, torch.optim.AdamW),
             )
         elif isinstance(optimizer, torch.optim.SGD):
-            new, p = _sgd(param.detach(), grad, state, group)
+            new, p = _sgd(param, grad, state, group)
         else:
             raise NotImplementedError(
                 f"lookahead supports SGD, Adam and AdamW, not {type(optimizer).__name__}; "
                 "build the optimiser as torch.optim.SGD, Adam or AdamW"
             )
         yield new, p
+
+
+def _per_element(value, shape) -> bool:
+    return torch.is_tensor(value) and value.shape == shape
 
 
 def _param_settings(optimizer: torch.optim.Optimizer) -> dict[int, dict]:

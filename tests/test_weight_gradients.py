@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from datamanip.embedding_rows import EmbeddingRows
 from datamanip.engine import example_reward_gradients, reward_gradients, trainable
 from datamanip.lookahead import lookahead
 from datamanip.manipulations.base import Batch, Step, twice_differentiable
@@ -249,3 +250,28 @@ def test_dropout_masks_replayed():
     torch.manual_seed(5)  # the same masks for the double-backward reference
     exact = batched_weight_grads(model, opt, train, val, w)
     torch.testing.assert_close(fast, exact, rtol=1e-6, atol=1e-9 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_compact_embedding_equals_whole_embedding(kind):
+    """The fast path holds the word embedding's θ', P and u only on the rows the batch and the
+    validation set look up; with every row it must give the same weight gradients (float64,
+    rel 1e-10: the same arithmetic on the same rows, summed in another order)."""
+    model, opt = make_setup(kind)
+    train, val = make_batches()
+    train.inputs["input_ids"][:, 3] = 0  # the padding id keeps its number in the compact table
+    names, params = trainable(model)
+    rows = EmbeddingRows.of(model, params, [train, val])
+    assert rows is not None and 0 < len(rows.rows) < 100  # the test uses a strict subset
+    assert rows.renumber[0] == 0 and (rows.renumber[rows.rows] >= 0).all()
+
+    w = torch.softmax(torch.randn(B, dtype=torch.float64), 0)
+    grads = {}
+    for compact in (True, False):
+        wc = w.clone().requires_grad_()
+        step = Step(train, model)
+        (grads[compact],), _ = example_reward_gradients(
+            model, opt, step, wc, [wc], [val], compact_embedding=compact
+        )
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-10, atol=0.0)
+    assert grads[True].abs().max() > 0
