@@ -78,6 +78,26 @@ def test_one_hot_soft_tokens_give_the_logits_of_the_ids():
     torch.testing.assert_close(by_embeds, by_ids, rtol=0, atol=1e-12)
 
 
+def test_masked_logits_decode_only_the_masked_positions_and_equal_the_full_forward():
+    augmentation = TextAugmentation(tiny_augmenter(), SPECIAL, MASK_ID)
+    batch = tiny_batch()
+    decoded = []  # what the output layer was given
+    head = augmentation.augmenter.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, args, out: decoded.append(args[0].shape))
+    rows, cols, logits = augmentation.masked_logits(batch, torch.Generator().manual_seed(3))
+    handle.remove()
+    assert decoded == [(len(rows), 32)]  # [masked, hidden]: only the masked positions
+    masked = batch.inputs["input_ids"].clone()
+    masked[rows, cols] = MASK_ID
+    mask = batch.inputs["attention_mask"]
+    full = augmentation.augmenter(
+        input_ids=masked, attention_mask=mask, token_type_ids=label_segments(mask, batch.labels)
+    ).logits  # [batch, seq, vocab], no hook
+    assert logits.shape == (len(rows), 100)
+    torch.testing.assert_close(logits, full[rows, cols], rtol=0, atol=1e-12)
+    assert not augmentation.augmenter.get_output_embeddings()._forward_pre_hooks  # removed
+
+
 def test_masks_cover_content_tokens_only_and_count_max_l_over_7_or_2():
     batch = tiny_batch(batch=3, seq=30)
     ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]

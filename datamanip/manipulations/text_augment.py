@@ -13,6 +13,8 @@ through ``inputs_embeds``, so the validation loss of the lookahead reaches the a
 ``fixed`` is the same augmenter never updated by the reward (the CBERT baseline of the paper).
 """
 
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -58,6 +60,30 @@ def gumbel_softmax(
     uniform = torch.rand((samples, *logits.shape), generator=generator, dtype=logits.dtype)
     gumbel = -torch.log(-torch.log(uniform.to(logits.device).clamp(1e-10, 1.0 - 1e-7)))
     return torch.softmax((logits[None] + gumbel) / tau, dim=-1)
+
+
+@contextmanager
+def decode_only(model: nn.Module, rows: Tensor, cols: Tensor):
+    """Within the block, the masked LM's output layer decodes only the positions (rows, cols),
+    so its ``.logits`` are [masked, vocab]: the vocabulary projection of every other position
+    (a third of MiniLM's forward at length 48) is never computed. Yields False, changing
+    nothing, for a model whose output layer is not a module taking [batch, seq, hidden]."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Module):
+        yield False
+        return
+    seen = []
+
+    def pick(module, args):
+        hidden = args[0]
+        seen.append(hidden.dim() == 3)
+        return (hidden[rows, cols], *args[1:]) if seen[-1] else None
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def input_embedding_name(model: nn.Module) -> str:
@@ -116,12 +142,14 @@ class TextAugmentation(AugmentationState):
         rows, cols = choose_masks(ids, mask, self.special_ids, generator)
         masked = ids.clone()
         masked[rows, cols] = self.mask_id
-        logits = self.augmenter(
-            input_ids=masked,
-            attention_mask=mask,
-            token_type_ids=label_segments(mask, batch.labels),
-        ).logits
-        return rows.to(ids.device), cols.to(ids.device), logits[rows, cols]
+        rows, cols = rows.to(ids.device), cols.to(ids.device)
+        with decode_only(self.augmenter, rows, cols) as picked:
+            logits = self.augmenter(
+                input_ids=masked,
+                attention_mask=mask,
+                token_type_ids=label_segments(mask, batch.labels),
+            ).logits
+        return rows, cols, logits if picked and all(picked) else logits[rows, cols]
 
     def classifier_loss(self, step: Step, rows, cols, probs, params=None) -> Tensor:
         """Mean cross-entropy of the classifier on the soft samples, at θ or at ``params``."""
