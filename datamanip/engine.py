@@ -23,6 +23,7 @@ from datamanip.errors import DatamanipError
 from datamanip.lookahead import lookahead
 from datamanip.manipulations.base import (
     Batch,
+    DropoutMasks,
     Manipulation,
     Step,
     at_least_float32,
@@ -234,8 +235,8 @@ def function_reward_gradients(
     """
     autocast = autocast or nullcontext
     names, params = trainable(model)
-    rng = capture_rng()
-    with restore_rng(rng), autocast():
+    rng, masks = capture_rng(), DropoutMasks()
+    with restore_rng(rng), autocast(), masks:
         # θ itself, with copies of the buffers: see scratch_buffers.
         loss = loss_at(dict(zip(names, params)) | scratch_buffers(model))
     grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
@@ -256,7 +257,7 @@ def function_reward_gradients(
         shifted = {n: p.detach() + (sign * eps) * u for n, p, u in zip(names, params, directions)}
         # No autocast: the two losses differ by about 3e-4 of their size (the shift), below
         # bf16's resolution (8e-3), so the difference is taken in float32.
-        with restore_rng(rng):
+        with restore_rng(rng), masks.replay():  # the dropout masks of the forward at θ
             difference = difference + loss_at(shifted | scratch_buffers(model)) * (sign / (2 * eps))
         del shifted
     # One backward for both points: the augmenter's part of the graph is walked once.
@@ -297,7 +298,8 @@ def directional_derivatives(
     for sign in (1.0, -1.0):
         if sign < 0:
             torch._foreach_add_(shifted, directions, alpha=-2 * eps)
-        with restore_rng(step.rng_state):  # the same dropout masks as the training forward
+        masks = step.masks.replay() if step.masks else nullcontext()
+        with restore_rng(step.rng_state), masks:  # the training forward's dropout masks
             at = dict(zip(names, shifted)) | scratch_buffers(model)
             logits = functional_call(model, at, args=(), kwargs=inputs).logits
         shifted_losses.append(
@@ -591,6 +593,7 @@ def take_step(
         model,
         twice_differentiable=reward and not (weights_path or function_path),
         total=total or len(batch.labels),
+        record_masks=reward and weights_path,
     )
     with accelerator.autocast():
         losses = step.example_losses()

@@ -21,8 +21,9 @@ from torch.func import functional_call
 
 from datamanip.embedding_rows import EmbeddingRows
 from datamanip.engine import example_reward_gradients, reward_gradients, trainable
+from datamanip.errors import DatamanipError
 from datamanip.lookahead import lookahead
-from datamanip.manipulations.base import Batch, Step, twice_differentiable
+from datamanip.manipulations.base import Batch, DropoutMasks, Step, twice_differentiable
 from tests.models import tiny_classifier
 
 B, V, L = 6, 5, 7
@@ -238,18 +239,41 @@ def test_fast_path_float32_against_float64_reference(kind):
     assert err < 5e-3
 
 
-def test_dropout_masks_replayed():
-    """With dropout on, the difference forwards must see the training forward's masks."""
+@pytest.mark.parametrize("record_masks", [True, False])
+def test_dropout_masks_replayed(record_masks):
+    """With dropout on, the difference forwards must see the training forward's masks: handed
+    over by DropoutMasks (the engine's way), or redrawn from the replayed random state."""
     model = tiny_classifier(dropout=0.3).double()
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     train, val = make_batches()
-    w = torch.full((B,), 1.0 / B, dtype=torch.float64)
+    w = torch.full((B,), 1.0 / B, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(5)
-    fast = fast_weight_grads(model, opt, train, val, w)
+    step = Step(train, model, twice_differentiable=False, record_masks=record_masks)
+    (fast,), _ = example_reward_gradients(model, opt, step, w, [w], [val])
+    assert (step.masks is not None and len(step.masks.masks) == 8) == record_masks
     torch.manual_seed(5)  # the same masks for the double-backward reference
-    exact = batched_weight_grads(model, opt, train, val, w)
+    exact = batched_weight_grads(model, opt, train, val, w.detach())
     torch.testing.assert_close(fast, exact, rtol=1e-6, atol=1e-9 * exact.abs().max().item())
+
+
+def test_dropout_masks_replay_gives_the_same_forward_and_draws_nothing():
+    model = tiny_classifier(dropout=0.3).double()
+    model.train()
+    train, _ = make_batches()
+    masks = DropoutMasks()
+    torch.manual_seed(7)
+    with masks:
+        first = model(**train.inputs).logits
+    state = torch.get_rng_state()
+    with masks.replay():
+        again = model(**train.inputs).logits
+    assert torch.equal(first, again)
+    assert torch.equal(state, torch.get_rng_state())  # the replay drew no random numbers
+    with pytest.raises(DatamanipError, match="dropout masks"):
+        with masks.replay():  # a forward that draws other masks is refused, not mixed
+            model(**make_batches(1)[0].inputs, token_type_ids=None)
+            model(**train.inputs)
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
