@@ -15,6 +15,7 @@ from datamanip.augmenter import (
     content_mask,
     label_segments,
     mlm_corrupt,
+    mlm_loss,
     resize_segment_table,
 )
 from datamanip.cli import app
@@ -136,6 +137,25 @@ def test_mlm_corruption_rates_and_targets():
     kept = (corrupted[chosen] == ids[chosen]).float().mean().item()
     assert abs(masked - 0.8) < 0.03 and abs(kept - 0.1) < 0.03
     assert (corrupted[~chosen] == ids[~chosen]).all()
+
+
+def test_mlm_loss_scores_only_the_chosen_positions_and_equals_the_full_loss():
+    augmenter, batch = tiny_augmenter(), tiny_batch()
+    loss = mlm_loss(augmenter, batch, SPECIAL, MASK_ID, torch.Generator().manual_seed(4))
+
+    # The reference: the whole [batch, seq, vocab] decoded, unchosen positions ignored.
+    allowed = content_mask(batch.inputs["input_ids"], batch.inputs["attention_mask"], SPECIAL)
+    ids, targets = mlm_corrupt(
+        batch.inputs["input_ids"], allowed, MASK_ID, 100, torch.Generator().manual_seed(4)
+    )
+    mask = batch.inputs["attention_mask"]
+    logits = augmenter(
+        input_ids=ids, attention_mask=mask, token_type_ids=label_segments(mask, batch.labels)
+    ).logits
+    full = nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
+    )
+    torch.testing.assert_close(loss, full, rtol=1e-6, atol=0.0)  # both in float32
 
 
 def test_segment_table_resize_keeps_every_other_weight():

@@ -13,14 +13,12 @@ through ``inputs_embeds``, so the validation loss of the lookahead reaches the a
 ``fixed`` is the same augmenter never updated by the reward (the CBERT baseline of the paper).
 """
 
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from datamanip import distributed
-from datamanip.augmenter import content_mask, label_segments
+from datamanip.augmenter import content_mask, decode_only, label_segments
 from datamanip.manipulations.base import (
     AugmentationState,
     Batch,
@@ -60,30 +58,6 @@ def gumbel_softmax(
     uniform = torch.rand((samples, *logits.shape), generator=generator, dtype=logits.dtype)
     gumbel = -torch.log(-torch.log(uniform.to(logits.device).clamp(1e-10, 1.0 - 1e-7)))
     return torch.softmax((logits[None] + gumbel) / tau, dim=-1)
-
-
-@contextmanager
-def decode_only(model: nn.Module, rows: Tensor, cols: Tensor):
-    """Within the block, the masked LM's output layer decodes only the positions (rows, cols),
-    so its ``.logits`` are [masked, vocab]: the vocabulary projection of every other position
-    (a third of MiniLM's forward at length 48) is never computed. Yields False, changing
-    nothing, for a model whose output layer is not a module taking [batch, seq, hidden]."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Module):
-        yield False
-        return
-    seen = []
-
-    def pick(module, args):
-        hidden = args[0]
-        seen.append(hidden.dim() == 3)
-        return (hidden[rows, cols], *args[1:]) if seen[-1] else None
-
-    handle = head.register_forward_pre_hook(pick)
-    try:
-        yield seen
-    finally:
-        handle.remove()
 
 
 def input_embedding_name(model: nn.Module) -> str:
