@@ -11,6 +11,7 @@ Reads the recipe's run directories, copies each without its model into
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def main() -> None:
         shutil.copytree(run.path, target, ignore=shutil.ignore_patterns(*LEFT_OUT))
         lines.append(json.dumps({k: run.results[k] for k in KEEP if k in run.results}))
     (out / "results.jsonl").write_text("\n".join(lines) + "\n")
-    written = build_report([copies], out)
+    written = build_report([os.path.relpath(copies)], out)  # relative paths in the report
     print(f"{len(lines)} runs; wrote {out}/results.jsonl and {written['out']}/report.html")
 
 
