@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,28 +100,28 @@ def check_vocabularies(classifier, classifier_tokenizer, augmenter, augmenter_to
         )
 
 
-@contextmanager
-def decode_only(model: nn.Module, rows: Tensor, cols: Tensor):
-    """Within the block, the masked LM's output layer decodes only the positions (rows, cols),
-    so its ``.logits`` are [masked, vocab]: the vocabulary projection of every other position
-    (a third of MiniLM's forward at length 48) is never computed. Yields False, changing
-    nothing, for a model whose output layer is not a module taking [batch, seq, hidden]."""
+def masked_lm_logits(model: nn.Module, rows: Tensor, cols: Tensor, **inputs) -> Tensor:
+    """[masked, vocab] logits of the masked LM at the positions (rows, cols).
+
+    A pre-hook on the output layer hands it only those positions, so the vocabulary
+    projection of every other position (a third of MiniLM's forward at length 48) is never
+    computed. A model whose output layer is not a module taking [batch, seq, hidden] decodes
+    every position, and the positions are picked afterwards.
+    """
     head = model.get_output_embeddings()
-    if not isinstance(head, nn.Module):
-        yield False
-        return
-    seen = []
+    picked = []
 
     def pick(module, args):
-        hidden = args[0]
-        seen.append(hidden.dim() == 3)
-        return (hidden[rows, cols], *args[1:]) if seen[-1] else None
+        picked.append(args[0].dim() == 3)
+        return (args[0][rows, cols], *args[1:]) if picked[-1] else None
 
-    handle = head.register_forward_pre_hook(pick)
+    handle = head.register_forward_pre_hook(pick) if isinstance(head, nn.Module) else None
     try:
-        yield seen
+        logits = model(**inputs).logits
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
+    return logits if picked and all(picked) else logits[rows, cols]
 
 
 def label_segments(attention_mask: Tensor, labels: Tensor) -> Tensor:
@@ -192,15 +191,15 @@ def mlm_loss(augmenter, batch, special_ids, mask_id, generator) -> Tensor:
     )
     device = inputs["input_ids"].device
     targets = targets.to(device)
-    rows, cols = (targets != -100).nonzero(as_tuple=True)
-    with decode_only(augmenter, rows, cols) as picked:  # 15% of the positions are scored
-        logits = augmenter(
-            input_ids=ids.to(device),
-            attention_mask=inputs["attention_mask"],
-            token_type_ids=label_segments(inputs["attention_mask"], batch.labels),
-        ).logits
-    if not (picked and all(picked)):
-        logits = logits[rows, cols]
+    rows, cols = (targets != -100).nonzero(as_tuple=True)  # 15% of the positions are scored
+    logits = masked_lm_logits(
+        augmenter,
+        rows,
+        cols,
+        input_ids=ids.to(device),
+        attention_mask=inputs["attention_mask"],
+        token_type_ids=label_segments(inputs["attention_mask"], batch.labels),
+    )
     return nn.functional.cross_entropy(logits.float(), targets[rows, cols])
 
 

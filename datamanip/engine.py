@@ -171,12 +171,14 @@ def example_reward_gradients(
     autocast = autocast or nullcontext
     names, params = trainable(model)
     losses = step.example_losses()
-    grads = torch.autograd.grad(
-        (coeffs.detach() * losses).sum(),
-        params,
-        retain_graph=True,
-        allow_unused=True,
-        materialize_grads=True,
+    grads = list(
+        torch.autograd.grad(
+            (coeffs.detach() * losses).sum(),
+            params,
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
     )
     distributed.sum_(grads)  # Σ_i c_i ∇ℓ_i over the global batch
     # The word embedding only on the rows the batch and the validation set look up.
@@ -185,20 +187,9 @@ def example_reward_gradients(
     if rows is not None:
         grads, at = rows.take(grads), rows.take(params)
         val, inputs = [rows.batch(b) for b in val], rows.batch(step.batch).inputs
-    # Hold θ' and P (in the gradients' buffers) through the validation pass; then only u.
-    new_params, precond = lookahead(
-        optimizer,
-        params,
-        grads,
-        precond_into_grads=True,
-        rows={rows.index: rows.rows} if rows is not None else None,
+    val_loss, directions = lookahead_direction(
+        model, optimizer, names, params, grads, val, autocast, rows
     )
-    del grads
-    val_loss, directions = validation_gradient(model, dict(zip(names, new_params)), val, autocast)
-    del new_params
-    for u, p in zip(directions, precond):
-        u.mul_(p)  # u = P ∇L_val(θ'), in place of the validation gradient
-    del precond
 
     eps = difference_scale(params, directions)  # the scale of all of θ, not of the kept rows
     d = directional_derivatives(model, step, names, at, directions, eps, inputs)
@@ -239,16 +230,12 @@ def function_reward_gradients(
     with restore_rng(rng), autocast(), masks:
         # θ itself, with copies of the buffers: see scratch_buffers.
         loss = loss_at(dict(zip(names, params)) | scratch_buffers(model))
-    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    grads = list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
     del loss
     distributed.sum_(grads)
-    new_params, precond = lookahead(optimizer, params, grads, precond_into_grads=True)
-    del grads
-    val_loss, directions = validation_gradient(model, dict(zip(names, new_params)), val, autocast)
-    del new_params
-    for u, p in zip(directions, precond):
-        u.mul_(p)
-    del precond
+    val_loss, directions = lookahead_direction(
+        model, optimizer, names, params, grads, val, autocast
+    )
     eps = difference_scale(params, directions)
     if eps == 0.0:
         return [torch.zeros_like(p) for p in phi], val_loss
@@ -263,6 +250,39 @@ def function_reward_gradients(
     # One backward for both points: the augmenter's part of the graph is walked once.
     phi_grads = torch.autograd.grad(difference, phi, allow_unused=True, materialize_grads=True)
     return distributed.sum_(phi_grads), val_loss  # φ (the augmenter) is shared
+
+
+def lookahead_direction(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    names: list[str],
+    params: list[Tensor],
+    grads: list[Tensor],
+    val: list[Batch],
+    autocast,
+    rows: EmbeddingRows | None = None,
+) -> tuple[float, list[Tensor]]:
+    """L_val(θ') and the direction u = P ∇L_val(θ') of the first-order reward paths.
+
+    θ' and P come from :func:`lookahead` on the batch gradient ``grads`` (whose buffers then
+    hold P; the list is emptied, so no gradient outlives this), ∇L_val(θ') from
+    :func:`validation_gradient`; u is written in place of the validation gradient, so θ', P
+    and u are never all held at once. With
+    ``rows``, the word embedding's entries of ``grads`` and of the result hold its kept rows.
+    """
+    new_params, precond = lookahead(
+        optimizer,
+        params,
+        grads,
+        precond_into_grads=True,
+        rows={rows.index: rows.rows} if rows is not None else None,
+    )
+    grads.clear()  # the caller's references too: only P keeps a buffer through validation
+    val_loss, directions = validation_gradient(model, dict(zip(names, new_params)), val, autocast)
+    del new_params
+    for u, p in zip(directions, precond):
+        u.mul_(p)
+    return val_loss, directions
 
 
 def difference_scale(params: list[Tensor], directions: list[Tensor]) -> float:

@@ -221,7 +221,8 @@ def test_reductions_over_two_processes_equal_one_process(tmp_path):
     assert [len(r["positions"]) for r in results] == [4, 3]
     for r in results:
         assert torch.equal(r["gathered"], torch.arange(7) * 10)  # rank order, every process
-        assert torch.equal(r["sum"][0], torch.ones(3)) and torch.equal(r["sum"][1], torch.full((2,), 3.0, dtype=torch.float64))  # fmt: skip
+        assert torch.equal(r["sum"][0], torch.ones(3))
+        assert torch.equal(r["sum"][1], torch.full((2,), 3.0, dtype=torch.float64))
         assert r["scalar"] == 2.0
     linear = torch.cat([r["linear"] for r in results])
     softmax = torch.cat([r["softmax"] for r in results])

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from datamanip import distributed
-from datamanip.augmenter import content_mask, decode_only, label_segments
+from datamanip.augmenter import content_mask, label_segments, masked_lm_logits
 from datamanip.manipulations.base import (
     AugmentationState,
     Batch,
@@ -117,13 +117,15 @@ class TextAugmentation(AugmentationState):
         masked = ids.clone()
         masked[rows, cols] = self.mask_id
         rows, cols = rows.to(ids.device), cols.to(ids.device)
-        with decode_only(self.augmenter, rows, cols) as picked:
-            logits = self.augmenter(
-                input_ids=masked,
-                attention_mask=mask,
-                token_type_ids=label_segments(mask, batch.labels),
-            ).logits
-        return rows, cols, logits if picked and all(picked) else logits[rows, cols]
+        logits = masked_lm_logits(
+            self.augmenter,
+            rows,
+            cols,
+            input_ids=masked,
+            attention_mask=mask,
+            token_type_ids=label_segments(mask, batch.labels),
+        )
+        return rows, cols, logits
 
     def classifier_loss(self, step: Step, rows, cols, probs, params=None) -> Tensor:
         """Mean cross-entropy of the classifier on the soft samples, at θ or at ``params``."""
