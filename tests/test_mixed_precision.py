@@ -26,6 +26,14 @@ from tests.models import save_tiny_text_model, tiny_classifier
 from tests.test_engine import tiny_split
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one shared state per process: a bf16 one left behind would make the
+    next test's ``Accelerator(cpu=True)`` autocast too."""
+    yield
+    AcceleratorState._reset_state()
+
+
 def weight_gradients(mixed_precision: str) -> torch.Tensor:
     """The weight gradients of one batch after three plain float32 steps (so Adam has state),
     computed under ``mixed_precision``."""
