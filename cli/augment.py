@@ -70,6 +70,11 @@ def augment(
     augmenter_lr: float = typer.Option(
         None, help="Adam learning rate of the augmenter (text 4e-5, images 1e-2)."
     ),
+    mlm_anchor: float = typer.Option(
+        0.0,
+        help="Text: weight λ of the augmenter's MLM loss beside the reward in its step "
+        "(0: the reward alone, as the paper). Keeps the augmenter near the data.",
+    ),
     epochs: int = typer.Option(None, help="Training epochs (setup default)."),
     batch_size: int = typer.Option(None, help="Training batch size (setup default)."),
     lr: float = typer.Option(
@@ -137,6 +142,7 @@ def augment(
             num_samples=num_samples,
             tau=tau,
             augmenter_lr=augmenter_lr,
+            mlm_anchor=mlm_anchor,
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,

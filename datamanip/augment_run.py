@@ -11,6 +11,7 @@ Beyond a weighting run's files, the run directory holds::
 import dataclasses
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +230,7 @@ def run_one_augmentation(
             num_samples=config.num_samples,
             tau=config.tau,
             lr=config.augmenter_lr,
+            mlm_anchor=config.mlm_anchor,
             seed=config.seed + 1_000_003 * distributed.rank(),  # each process its own masks
         )
     manipulation = augmentation or NoManipulation(train_enc.labels, num_labels)
@@ -245,8 +247,13 @@ def run_one_augmentation(
 
     def write_samples(epoch: int) -> None:
         if augmentation is not None:
-            for record in sample_records(augmentation, train_enc, tokenizer, shown, accelerator):
+            records = sample_records(augmentation, train_enc, tokenizer, shown, accelerator)
+            for record in records:
                 rundir.append_jsonl("samples.jsonl", record | {"epoch": epoch})
+            token, share = top_token([t for r in records for t in r["augmented_tokens"]])
+            rundir.log_metrics(
+                {"kind": "samples", "epoch": epoch, "top_token": token, "top_token_share": share}
+            )
 
     train_config = train_settings(config)
     progress = progress_factory(config) if progress_factory and main else None
@@ -275,8 +282,9 @@ def run_one_augmentation(
     results = run_results(config, subsets, num_labels, test_preds, result, started, rundir)
     results |= {"command": "augment", "truncated": truncated}
     if augmentation is not None:
-        results |= label_preservation(augmentation, inner, train_enc, accelerator.device)
+        results |= label_preservation(augmentation, inner, train_enc, accelerator.device, tokenizer)
         results["augmenter"] = config.augmenter
+        warn_if_collapsed(results)
     rundir.write_json("results.json", results)
     checkpoints.remove()
     distributed.barrier()
@@ -333,29 +341,57 @@ def marked_text(tokenizer, ids: list[int], masked: list[int]) -> str:
     return tokenizer.convert_tokens_to_string(words)
 
 
+def top_token(tokens: list[str]) -> tuple[str | None, float]:
+    """The most frequent token among ``tokens`` and its share (None, 0 when empty)."""
+    if not tokens:
+        return None, 0.0
+    token, count = Counter(tokens).most_common(1)[0]
+    return token, count / len(tokens)
+
+
+COLLAPSE_SHARE = 0.5  # one token at half the masked positions: the augmenter writes one word
+
+
+def warn_if_collapsed(results: dict) -> None:
+    if results.get("rewrite_top_token_share", 0.0) >= COLLAPSE_SHARE:
+        logger.warning(
+            "the augmenter wrote %r at %.0f%% of the masked positions: it has collapsed to one "
+            "token (word dropout, not augmentation); try --mlm-anchor 0.1 or a lower "
+            "--augmenter-lr (README, low-data augmentation)",
+            results["rewrite_top_token"],
+            100 * results["rewrite_top_token_share"],
+        )
+
+
 @torch.no_grad()
-def label_preservation(augmentation, classifier, data: EncodedSplit, device) -> dict:
+def label_preservation(augmentation, classifier, data: EncodedSplit, device, tokenizer) -> dict:
     """How often the final classifier gives a rewrite its example's label.
 
     Every training example is rewritten once by a categorical sample at its masked positions
     (what training sees, made hard); the rate is set beside the classifier's accuracy on the
-    unaltered sentences, which bounds it in practice, and the share of masked tokens that the
-    rewrite changed.
+    unaltered sentences, which bounds it in practice, the share of masked tokens that the
+    rewrite changed, and the token written most often with its share of the masked positions.
     """
     classifier.eval()
     kept = agree = changed = masked_total = 0
+    written = Counter()
     for positions in torch.arange(len(data)).split(64):
         batch = data.batch(positions).to(device)
         ids, rows, cols = augmentation.rewrite(batch, seed=int(positions[0]), most_likely=False)
         original = batch.inputs["input_ids"]
         changed += (ids[rows, cols] != original[rows, cols]).sum().item()
         masked_total += len(rows)
+        written.update(ids[rows, cols].tolist())
         rewritten = classifier(input_ids=ids, attention_mask=batch.inputs["attention_mask"])
         plain = classifier(**batch.inputs)
         kept += (rewritten.logits.argmax(-1) == batch.labels).sum().item()
         agree += (plain.logits.argmax(-1) == batch.labels).sum().item()
+    top = written.most_common(1)[0][0] if written else None
     return {
         "label_preservation": kept / len(data),
         "train_accuracy_on_originals": agree / len(data),
         "rewrite_change_rate": changed / max(masked_total, 1),
+        # one token written at most masked positions is the collapse the README describes
+        "rewrite_top_token": tokenizer.convert_ids_to_tokens(top) if written else None,
+        "rewrite_top_token_share": written[top] / max(masked_total, 1) if written else 0.0,
     }

@@ -51,6 +51,7 @@ class RunConfig:
     num_samples: int = 4
     tau: float | None = None  # None: 1 for text (Gumbel-softmax), 0.5 for images (gates)
     augmenter_lr: float | None = None  # None: 4e-5 for text, 1e-2 for images
+    mlm_anchor: float = 0.0  # text: λ of the augmenter's MLM loss in its reward step
     mlm_epochs: int = 60
     mlm_batch_size: int = 8
     mlm_lr: float = 4e-5
@@ -188,6 +189,10 @@ def resolve(config: RunConfig, kind: str | None = None) -> RunConfig:
         value = getattr(config, name)
         if value is not None and not value > 0:
             raise DatamanipError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not config.mlm_anchor >= 0:
+        raise DatamanipError(
+            f"--mlm-anchor must be 0 (the reward alone) or positive, got {config.mlm_anchor}"
+        )
     if not 0 < config.manipulate_until <= 1:
         raise DatamanipError(
             f"--manipulate-until must be in (0, 1], got {config.manipulate_until}; "

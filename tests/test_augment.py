@@ -282,6 +282,38 @@ def test_learned_reward_step_moves_the_augmenter_and_fixed_never_does():
     assert classifier.get_input_embeddings().weight.grad is not None
 
 
+def test_mlm_anchor_adds_its_gradient_to_the_reward_and_logs_the_mlm_loss():
+    """The φ step with λ > 0 descends reward + λ·MLM; the reference MLM loss is the augmenter's
+    cross-entropy of the original tokens at the same masked positions, averaged per example."""
+    lam = 0.3
+    classifier, optimizer, augmentation, step, val = _step_and_augmentation("adamw")
+    augmentation.mlm_anchor = lam
+    state = augmentation.generator.get_state()
+    loss_at, phi = augmentation.lookahead_function(step)
+    reward, _ = function_reward_gradients(classifier, optimizer, loss_at, phi, val)
+    logged = augmentation.log_values()["augmenter_mlm_loss"]
+    seen = []
+    augmentation.optimizer.step = lambda: seen.append([p.grad.clone() for p in phi])
+    augmentation.reward_step(step, reward)
+
+    # the reference: the same masks drawn again, the loss written out example by example
+    augmentation.generator.set_state(state)
+    rows, cols, logits = augmentation.masked_logits(step.batch, augmentation.generator)
+    ids = step.batch.inputs["input_ids"]
+    per_example = []
+    for i in range(len(step.batch.labels)):
+        at = rows == i
+        per_example.append(nn.functional.cross_entropy(logits[at], ids[i, cols[at]]))
+    mlm = torch.stack(per_example).mean()
+    assert logged == pytest.approx(mlm.item(), rel=1e-12)
+    mlm_grads = torch.autograd.grad(mlm, phi, allow_unused=True, materialize_grads=True)
+    for got, r, m in zip(seen[0], reward, mlm_grads):
+        torch.testing.assert_close(got, r + lam * m, rtol=1e-10, atol=1e-14)
+    assert any(m.abs().max() > 0 for m in mlm_grads)
+    norms = augmentation.log_values()
+    assert norms["augmenter_grad_norm"] != pytest.approx(norms["augmenter_reward_grad_norm"])
+
+
 # --- the command end to end ----------------------------------------------------------------
 
 
@@ -345,8 +377,14 @@ def test_augment_end_to_end(tiny_mirror, tiny_models, tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     assert results["method"] == "learned" and results["train_size"] == 16
-    for key in ("label_preservation", "train_accuracy_on_originals", "rewrite_change_rate"):
+    for key in (
+        "label_preservation",
+        "train_accuracy_on_originals",
+        "rewrite_change_rate",
+        "rewrite_top_token_share",
+    ):
         assert 0.0 <= results[key] <= 1.0
+    assert isinstance(results["rewrite_top_token"], str)
 
     samples = read_jsonl(out / "samples.jsonl")
     assert [s["epoch"] for s in samples] == [0] * 8 + [1] * 8
@@ -354,15 +392,38 @@ def test_augment_end_to_end(tiny_mirror, tiny_models, tmp_path):
     assert {"original", "label", "augmented", "masked_positions"} <= set(first)
     assert first["augmented"].count("[[") == len(first["masked_positions"]) >= 2
 
-    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
+    metrics = read_jsonl(out / "metrics.jsonl")
+    steps = [r for r in metrics if r["kind"] == "step"]
     assert len(steps) == 4 and all(r["augmenter_grad_norm"] > 0 for r in steps)
-    assert all(r["reward_loss"] > 0 for r in steps)
+    assert all(r["reward_loss"] > 0 and r["augmenter_mlm_loss"] > 0 for r in steps)
+    # the share of the epoch's samples' most frequent rewrite, counted from samples.jsonl
+    shown = [r for r in metrics if r["kind"] == "samples"]
+    assert [r["epoch"] for r in shown] == [0, 1]
+    last = [t for s in samples if s["epoch"] == 1 for t in s["augmented_tokens"]]
+    top = max(set(last), key=last.count)
+    assert shown[1]["top_token_share"] == pytest.approx(last.count(top) / len(last))
     # the reward moved the augmenter
     from safetensors.torch import load_file
 
     start = load_file(out / "augmenter_finetuned" / "model.safetensors")
     end = load_file(out / "augmenter" / "model.safetensors")
     assert any(not torch.equal(start[k], end[k]) for k in start)
+
+
+def test_mlm_anchor_runs_end_to_end_and_a_negative_one_is_refused(
+    tiny_mirror, tiny_models, tmp_path
+):
+    result = invoke(augment_args(tiny_mirror, tiny_models, tmp_path / "a", "--mlm-anchor", "0.5"))
+    assert result.exit_code == 0, result.output
+    steps = [r for r in read_jsonl(tmp_path / "a" / "metrics.jsonl") if r["kind"] == "step"]
+    assert all(r["augmenter_reward_grad_norm"] > 0 for r in steps)
+    assert all(r["augmenter_grad_norm"] > r["augmenter_reward_grad_norm"] for r in steps)
+
+    result = CliRunner().invoke(
+        app, augment_args(tiny_mirror, tiny_models, tmp_path / "b", "--mlm-anchor", "-1")
+    )
+    assert result.exit_code != 0
+    assert "--mlm-anchor must be 0" in result.output and "Traceback" not in result.output
 
 
 def test_finetune_once_then_reuse_for_fixed_none_and_seeds(tiny_mirror, tiny_models, tmp_path):

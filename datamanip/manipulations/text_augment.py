@@ -10,6 +10,11 @@ through ``inputs_embeds``, so the validation loss of the lookahead reaches the a
 - θ step: the classifier trains on the real batch plus one fresh soft sample per example from
   the (updated) augmenter.
 
+With ``mlm_anchor`` λ > 0 the φ step descends L_val(θ') + λ·MLM, MLM being the augmenter's
+cross-entropy of the original tokens at the masked positions of the same forward: a pull back
+towards the data that keeps the reward from driving the augmenter into one token (README,
+low-data augmentation). λ = 0 is the paper's method. The MLM loss is logged either way.
+
 ``fixed`` is the same augmenter never updated by the reward (the CBERT baseline of the paper).
 """
 
@@ -90,6 +95,7 @@ class TextAugmentation(AugmentationState):
         tau: Gumbel-softmax temperature (1 in the paper).
         lr: Adam learning rate of the augmenter in the φ step.
         seed: fixes mask positions and Gumbel noise.
+        mlm_anchor: λ, weight of the augmenter's MLM loss beside the reward in the φ step.
     """
 
     def __init__(
@@ -102,11 +108,14 @@ class TextAugmentation(AugmentationState):
         tau: float = 1.0,
         lr: float = 4e-5,
         seed: int = 0,
+        mlm_anchor: float = 0.0,
     ):
         super().__init__(augmenter, learned, num_samples, lr, seed)
         self.special_ids = list(special_ids)
         self.mask_id = mask_id
         self.tau = tau
+        self.mlm_anchor = mlm_anchor
+        self._anchor_grads: list[Tensor] | None = None
 
     # --- sampling ------------------------------------------------------------------------
 
@@ -157,6 +166,7 @@ class TextAugmentation(AugmentationState):
         """
         self.augmenter.eval()
         rows, cols, logits = self.masked_logits(step.batch, self.generator)
+        self.anchor(step, rows, cols, logits)
         probs = gumbel_softmax(logits, self.tau, self.num_samples, self.generator)
 
         def loss_at(params: dict[str, Tensor] | None = None) -> Tensor:
@@ -171,7 +181,37 @@ class TextAugmentation(AugmentationState):
         with twice_differentiable():
             return loss_at(None), phi
 
+    def anchor(self, step: Step, rows: Tensor, cols: Tensor, logits: Tensor) -> None:
+        """The augmenter's MLM loss at the masked positions: logged, and with λ > 0 its
+        gradient kept for :meth:`reward_step` (taken now, while the augmenter's graph lives)."""
+        originals = step.batch.inputs["input_ids"][rows, cols]
+        losses = nn.functional.cross_entropy(at_least_float32(logits), originals, reduction="none")
+        # This shard's share of the global batch's mean over masked positions: each example
+        # counts by its own masked positions' mean, as the classifier's losses count by example.
+        per_example = torch.zeros(len(step.batch.labels), dtype=losses.dtype, device=losses.device)
+        per_example.index_add_(0, rows, losses)
+        counts = torch.bincount(rows, minlength=len(per_example)).clamp(min=1)
+        mlm = step.mean(per_example / counts)
+        self._log["augmenter_mlm_loss"] = distributed.sum_scalar(mlm.item())
+        self._anchor_grads = None
+        if self.mlm_anchor > 0:
+            self._anchor_grads = list(
+                torch.autograd.grad(
+                    mlm * self.mlm_anchor,
+                    self.phi,
+                    retain_graph=True,  # the reward's backward walks the same graph after
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+            )
+            distributed.sum_(self._anchor_grads)
+
     def reward_step(self, step: Step, grads: list[Tensor]) -> None:
+        if self._anchor_grads is not None:
+            reward_norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).item()
+            self._log["augmenter_reward_grad_norm"] = reward_norm
+            grads = [g + a for g, a in zip(grads, self._anchor_grads)]
+            self._anchor_grads = None
         norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).item()
         for param, grad in zip(self.phi, grads):
             param.grad = grad.to(param.dtype)
