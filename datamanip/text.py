@@ -45,7 +45,12 @@ class EncodedSplit:
 
 def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> EncodedSplit:
     """Tokenises ``texts`` once; examples longer than ``max_length`` tokens are cut and counted."""
-    full = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+    from datamanip.models import quiet_transformers
+
+    # Untruncated on purpose, to count the cut examples: the tokenizer's warning about
+    # sequences over the model's maximum would only repeat, unasked, what the count reports.
+    with quiet_transformers():
+        full = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
     truncated = sum(len(ids) > max_length for ids in full)
     cut = [ids if len(ids) <= max_length else ids[: max_length - 1] + [ids[-1]] for ids in full]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
