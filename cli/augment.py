@@ -26,6 +26,11 @@ def augment(
     val_per_class: int = typer.Option(
         None, help="Validation examples per class, from the training split."
     ),
+    test_per_class: int = typer.Option(
+        None,
+        help="Score on this many test examples per class (fixed by --data-seed) instead of the "
+        "whole test split: faster evaluation on large test sets such as IMDB's 25,000.",
+    ),
     imbalance: float = typer.Option(
         None, help="Imbalanced setup: 1000 majority, round(1000 r) minority."
     ),
@@ -127,6 +132,7 @@ def augment(
             imbalance=imbalance,
             per_class=per_class,
             val_per_class=val_per_class,
+            test_per_class=test_per_class,
             data_seed=data_seed,
             model=model,
             pretrained=pretrained,

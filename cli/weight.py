@@ -56,6 +56,11 @@ def weight(
     val_per_class: int = typer.Option(
         None, help="Validation examples per class, from the training split."
     ),
+    test_per_class: int = typer.Option(
+        None,
+        help="Score on this many test examples per class (fixed by --data-seed) instead of the "
+        "whole test split: faster evaluation on large test sets such as IMDB's 25,000.",
+    ),
     data_seed: int = typer.Option(0, help="Fixes which examples form the subsets."),
     label_noise: float = typer.Option(
         0.0, help="Flip this fraction of training labels (fixed by --data-seed; recorded)."
@@ -143,6 +148,7 @@ def weight(
             per_class=per_class,
             imbalance_factor=imbalance_factor,
             val_per_class=val_per_class,
+            test_per_class=test_per_class,
             data_seed=data_seed,
             label_noise=label_noise,
             model=model,

@@ -32,6 +32,7 @@ class RunConfig:
     per_class: int | None = None
     imbalance_factor: float | None = None  # long-tailed over all classes (images, SPEC §6)
     val_per_class: int | None = None
+    test_per_class: int | None = None  # None: the whole test split
     data_seed: int = 0
     label_noise: float = 0.0
     # model

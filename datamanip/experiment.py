@@ -66,6 +66,7 @@ def load_subsets(config: RunConfig) -> tuple[Subsets, int]:
         val_per_class=config.val_per_class,
         data_seed=config.data_seed,
         label_noise=config.label_noise,
+        test_per_class=config.test_per_class,
     )
     for note in subsets.notes:
         logger.warning(note)

@@ -60,6 +60,7 @@ def command(dataset: str, args, *extra) -> list[str]:
         "--quiet",
         "--overwrite",
         *(["--data-dir", args.data_dir] if args.data_dir else []),
+        *(["--test-per-class", str(args.test_per_class)] if args.test_per_class else []),
         *extra,
     ]
 
@@ -83,7 +84,7 @@ def run_jobs(args) -> None:
                     extra += ["--augmenter", str(augmenter)]
                 run(command(dataset, args, *extra))
                 result = json.loads((out / "results.json").read_text())
-                row = {"dataset": dataset, "variant": variant}
+                row = {"dataset": dataset, "variant": variant, "test_size": result["test_size"]}
                 row |= {k: result.get(k) for k in KEYS + COLLAPSE_KEYS}
                 row["last_epoch_top_rewrite"] = last_epoch_top_rewrite(out / "samples.jsonl")
                 with open(args.results, "a") as f:
@@ -165,6 +166,11 @@ def main() -> None:
         "--methods", nargs="+", default=list(METHODS), choices=list(VARIANTS), metavar="VARIANT"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--test-per-class",
+        type=int,
+        help="score on this many test examples per class (IMDB: 2500 of its 12,500 per class)",
+    )
     parser.add_argument("--results", default="examples/lowdata_augment_results.jsonl")
     parser.add_argument("--table", action="store_true", help="only print the table")
     parser.add_argument("--readme", help="also write the table into this file between markers")

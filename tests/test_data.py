@@ -528,3 +528,32 @@ def test_real_sst5_low_data(shared_data):
     assert len(subsets.train) == 200 and len(subsets.val) == 10
     assert counts(subsets.train) == dict.fromkeys(range(5), 40)
     assert set(subsets.train.ids).isdisjoint(subsets.val.ids)
+
+
+def test_test_per_class_keeps_a_fixed_subset_and_leaves_train_and_val_alone(tiny_sst2):
+    whole = build_subsets(tiny_sst2, per_class=10, val_per_class=5, data_seed=3)
+    part = build_subsets(tiny_sst2, per_class=10, val_per_class=5, data_seed=3, test_per_class=4)
+    again = build_subsets(tiny_sst2, per_class=10, val_per_class=5, data_seed=3, test_per_class=4)
+    other = build_subsets(tiny_sst2, per_class=10, val_per_class=5, data_seed=4, test_per_class=4)
+    assert counts(part.test) == {0: 4, 1: 4}
+    assert set(part.test.ids) <= set(whole.test.ids)
+    assert np.array_equal(part.test.ids, again.test.ids)
+    assert not np.array_equal(part.test.ids, other.test.ids)
+    assert np.array_equal(part.train.ids, whole.train.ids)
+    assert np.array_equal(part.val.ids, whole.val.ids)
+    assert part.summary["test_per_class"] == 4 and part.summary["test"] == {"0": 4, "1": 4}
+    assert any("on 8 of the" in note for note in part.notes)
+    # a class with fewer examples than asked keeps all of them
+    assert counts(build_subsets(tiny_sst2, per_class=10, test_per_class=10_000).test) == counts(
+        whole.test
+    )
+    with pytest.raises(DatamanipError) as excinfo:
+        build_subsets(tiny_sst2, per_class=10, test_per_class=0)
+    assert_fix_message(excinfo, "--test-per-class 0", "integer >= 1")
+
+
+def test_test_per_class_on_real_imdb(shared_data):
+    source = load_source("imdb", data_dir=shared_data)
+    subsets = build_subsets(source, per_class=40, val_per_class=5, test_per_class=500)
+    assert counts(subsets.test) == {0: 500, 1: 500}
+    assert len(source.splits["test"]) == 25_000

@@ -63,6 +63,7 @@ def build_subsets(
     val_per_class: int = 10,
     data_seed: int = 0,
     label_noise: float = 0.0,
+    test_per_class: int | None = None,
 ) -> Subsets:
     """Draws the train, validation and test subsets of a run.
 
@@ -87,6 +88,9 @@ def build_subsets(
         data_seed: Seed of the draw; the same seed gives the same subsets.
         label_noise: Fraction of training labels flipped, each to another kept class drawn
             uniformly; which ones is fixed by ``data_seed``. Validation and test stay clean.
+        test_per_class: Test examples kept per class (a class with fewer keeps all), drawn
+            once by ``data_seed``: every run with that seed scores on the same examples. None
+            keeps the whole test split.
 
     Returns:
         The subsets, with notes and a JSON-able summary.
@@ -101,6 +105,8 @@ def build_subsets(
     _check_options(imbalance, per_class, classes, majority_size, val_per_class, data_seed)
     _check_factor(imbalance_factor, imbalance, per_class)
     _check_noise(label_noise)
+    if test_per_class is not None:
+        _check_count("--test-per-class", test_per_class, minimum=1)
     train_split = _train_split(source)
     notes = []
     if (
@@ -128,6 +134,9 @@ def build_subsets(
     train, val = train_split.take(train_idx), train_split.take(val_idx)
     test, test_split, test_notes = _test_set(source, train_split.take(rest_idx), sorted(sizes))
     notes += test_notes
+    if test_per_class is not None:
+        test, note = _test_subset(test, test_per_class, data_seed)
+        notes.append(note)
     original_labels = None
     if label_noise > 0:
         original_labels = train.labels.copy()
@@ -143,6 +152,7 @@ def build_subsets(
         "per_class": per_class,
         "imbalance_factor": None if imbalance_factor is None else float(imbalance_factor),
         "val_per_class": val_per_class,
+        "test_per_class": test_per_class,
         "majority_size": majority_size if mode == "imbalance" else None,
         "minority_label": minority,
         "majority_label": majority,
@@ -388,6 +398,22 @@ def _test_set(source: Source, rest: Split, kept: list[int]) -> tuple[Split, str,
             f"some train examples stay out of the subsets"
         )
     return test, test_split, notes
+
+
+def _test_subset(test: Split, per_class: int, data_seed: int) -> tuple[Split, str]:
+    """``per_class`` test examples of each class, drawn by their own generator so that the
+    training and validation draws stay what they are without --test-per-class."""
+    rng = np.random.default_rng([data_seed, 7])
+    keep = []
+    for label in np.unique(test.labels):
+        where = np.flatnonzero(test.labels == label)
+        keep.append(np.sort(rng.permutation(where)[:per_class]))
+    kept = np.sort(np.concatenate(keep))
+    note = (
+        f"test accuracy is on {len(kept)} of the {len(test)} test examples "
+        f"(--test-per-class {per_class}, drawn by --data-seed {data_seed})"
+    )
+    return test.take(kept), note
 
 
 def _class_counts(labels: np.ndarray, kept) -> dict[str, int]:
