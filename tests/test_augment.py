@@ -550,3 +550,17 @@ def test_augment_recipe_runs_through_datamanip_run(tiny_mirror, tiny_models, tmp
         results = json.loads((out / method / "results.json").read_text())
         assert results["method"] == method and results["command"] == "augment"
     assert (out / "learned" / "augmenter_finetuned" / "config.json").is_file()
+
+
+def test_a_collapsed_augmenter_is_reported_with_the_fix(caplog):
+    from datamanip.augment_run import top_token, warn_if_collapsed
+
+    assert top_token(["kevin", "kevin", "film", "kevin"]) == ("kevin", 0.75)
+    assert top_token([]) == (None, 0.0)
+    with caplog.at_level("WARNING"):
+        warn_if_collapsed({"rewrite_top_token": "film", "rewrite_top_token_share": 0.2})
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        warn_if_collapsed({"rewrite_top_token": "kevin", "rewrite_top_token_share": 0.75})
+    (record,) = caplog.records
+    assert "'kevin' at 75%" in record.getMessage() and "--mlm-anchor" in record.getMessage()
