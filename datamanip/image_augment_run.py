@@ -49,6 +49,11 @@ def check_image_options(config: RunConfig) -> None:
             f"--augmenter {config.augmenter} names a fine-tuned text augmenter; image "
             "augmentation starts from its transforms' initial settings: drop --augmenter"
         )
+    if config.mlm_anchor:
+        raise DatamanipError(
+            "--mlm-anchor pulls a text augmenter towards its MLM loss; the image augmenter is "
+            "a set of transforms with no such loss: drop --mlm-anchor"
+        )
 
 
 def run_one_image_augmentation(

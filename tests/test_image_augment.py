@@ -417,6 +417,7 @@ def test_image_fixed_and_none_and_seeds(tiny_cifar, tmp_path):
     [
         (("--finetune-only",), "no such stage"),
         (("--augmenter", "somewhere"), "drop --augmenter"),
+        (("--mlm-anchor", "0.1"), "drop --mlm-anchor"),
         (("--method", "ren"), "learned, fixed, none"),
     ],
 )
