@@ -323,6 +323,7 @@ def test_bf16_mixed_precision_runs(tiny_mirror, tiny_model, tmp_path):
         (["--val-batch-size", "0"], ["--val-batch-size"]),
         (["--manipulate-until", "0"], ["--manipulate-until", "(0, 1]"]),
         (["--manipulate-until", "1.5"], ["--manipulate-until"]),
+        (["--test-per-class", "0"], ["--test-per-class", "integer >= 1"]),
     ],
 )
 def test_bad_numbers(flags, words, tiny_mirror, tiny_model, tmp_path):
@@ -384,3 +385,12 @@ def test_two_named_classes_of_many_get_a_two_way_head(tiny_model, tmp_path):
     assert config["subsets"]["label_map"] == {"1": 0, "2": 1}
     results = json.loads((out / "results.json").read_text())
     assert set(results["per_class_recall"]) == {"class_0", "class_1"}
+
+
+def test_test_per_class_scores_on_that_many_test_examples(tiny_mirror, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(tiny_args(tiny_mirror, tiny_model, out, "--test-per-class", "3"))
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["test_size"] == 6
+    assert any("--test-per-class 3" in note for note in results["notes"])
