@@ -77,7 +77,7 @@ def augment(
     ),
     mlm_anchor: float = typer.Option(
         0.0,
-        help="Text: weight λ of the augmenter's MLM loss beside the reward in its step "
+        help="Text: coefficient λ of the augmenter's MLM loss beside the reward in its step "
         "(0: the reward alone, as the paper). Keeps the augmenter near the data.",
     ),
     epochs: int = typer.Option(None, help="Training epochs (setup default)."),
