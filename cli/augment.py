@@ -73,7 +73,7 @@ def augment(
         help="Relaxation temperature: Gumbel-softmax (text, 1), transform gates (images, 0.5).",
     ),
     augmenter_lr: float = typer.Option(
-        None, help="Adam learning rate of the augmenter (text 4e-5, images 1e-2)."
+        None, help="Adam learning rate of the augmenter (text 4e-6, images 1e-2)."
     ),
     mlm_anchor: float = typer.Option(
         0.0,

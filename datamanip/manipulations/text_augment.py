@@ -106,7 +106,7 @@ class TextAugmentation(AugmentationState):
         learned: bool = True,
         num_samples: int = 4,
         tau: float = 1.0,
-        lr: float = 4e-5,
+        lr: float = 4e-6,
         seed: int = 0,
         mlm_anchor: float = 0.0,
     ):
