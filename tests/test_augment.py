@@ -3,6 +3,7 @@
 import copy
 import json
 from contextlib import nullcontext
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -564,3 +565,40 @@ def test_a_collapsed_augmenter_is_reported_with_the_fix(caplog):
         warn_if_collapsed({"rewrite_top_token": "kevin", "rewrite_top_token_share": 0.75})
     (record,) = caplog.records
     assert "'kevin' at 75%" in record.getMessage() and "--mlm-anchor" in record.getMessage()
+
+
+def test_augmenter_drift_measures_a_collapsed_augmenter(tiny_models, tmp_path):
+    """examples/augmenter_drift.py, the README's collapse table, on the tiny masked LM: as it
+    is, then with its output bias forced onto one token (a collapse by construction)."""
+    import importlib.util
+    import math
+
+    import numpy as np
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from datamanip.text import encode
+
+    script = Path(__file__).parents[1] / "examples" / "augmenter_drift.py"
+    spec = importlib.util.spec_from_file_location("drift", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    _, mlm = tiny_models
+    tokenizer = AutoTokenizer.from_pretrained(mlm)
+    texts = ["a fine film with a good cast and a plot", "a dull film , too long and too loud"] * 3
+    train = encode(tokenizer, texts, np.array([1, 0] * 3), max_length=32)
+    before = module.drift(mlm, train, 2)
+    assert 0 < before["p_original"] < 1 and 0 < before["entropy"] <= math.log(30522)
+    assert 0 < before["sample_share"] < 1
+
+    collapsed = BertForMaskedLM.from_pretrained(mlm)
+    token = tokenizer.convert_tokens_to_ids("kevin")
+    with torch.no_grad():
+        collapsed.get_output_embeddings().bias[token] += 100.0
+    collapsed.save_pretrained(tmp_path / "collapsed")
+    tokenizer.save_pretrained(tmp_path / "collapsed")
+    after = module.drift(str(tmp_path / "collapsed"), train, 2)
+    assert after["mode"] == "kevin" and after["mode_share"] == 1.0
+    assert after["sample"] == "kevin" and after["sample_share"] == 1.0
+    assert after["entropy"] < 1e-6 and after["p_original"] < 1e-6
+    assert after["positions"] == before["positions"]  # the same masked positions
