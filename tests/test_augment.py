@@ -564,7 +564,15 @@ def test_a_collapsed_augmenter_is_reported_with_the_fix(caplog):
     with caplog.at_level("WARNING"):
         warn_if_collapsed({"rewrite_top_token": "kevin", "rewrite_top_token_share": 0.75})
     (record,) = caplog.records
-    assert "'kevin' at 75%" in record.getMessage() and "--mlm-anchor" in record.getMessage()
+    assert "'kevin' at 75%" in record.getMessage() and "--augmenter-lr" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_if_collapsed({"rewrite_top_token_share": 0.01, "rewrite_change_rate": 0.85})
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        warn_if_collapsed({"rewrite_top_token_share": 0.01, "rewrite_change_rate": 1.0})
+    (record,) = caplog.records
+    assert "changed 100.0%" in record.getMessage() and "drifted" in record.getMessage()
 
 
 def test_augmenter_drift_measures_a_collapsed_augmenter(tiny_models, tmp_path):
