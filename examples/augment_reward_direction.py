@@ -20,12 +20,12 @@ import argparse
 from collections import Counter
 
 import torch
+from augmenter_drift import add_data_arguments, low_data_splits  # examples/, beside this script
+from transformers import AutoTokenizer
 
-from datamanip.augment_run import encode_subsets
 from datamanip.augmenter import load_augmenter
-from datamanip.config import RunConfig, resolve
 from datamanip.engine import function_reward_gradients
-from datamanip.experiment import build_optimizer, load_subsets
+from datamanip.experiment import build_optimizer
 from datamanip.manipulations.base import Step
 from datamanip.manipulations.text_augment import TextAugmentation, gumbel_softmax
 from datamanip.models import load_text_classifier
@@ -57,28 +57,15 @@ def reward_by_position(augmentation, classifier, optimizer, batch, val):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="sst5")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--per-class", type=int, default=40)
-    parser.add_argument("--val-per-class", type=int, default=2)
+    add_data_arguments(parser)
     parser.add_argument("--classifier", required=True, help="a run's model folder")
     parser.add_argument("--augmenter", required=True, help="a fine-tuned augmenter folder")
     parser.add_argument("--batches", type=int, default=4)
     args = parser.parse_args()
 
-    config = resolve(
-        RunConfig(
-            command="augment",
-            dataset=args.dataset,
-            data_dir=args.data_dir,
-            per_class=args.per_class,
-            val_per_class=args.val_per_class,
-            method="learned",
-        )
-    )
-    subsets, num_labels = load_subsets(config)
-    classifier, tokenizer = load_text_classifier(args.classifier, num_labels)
-    train, val_enc, _, _ = encode_subsets(tokenizer, subsets, config.max_length)
+    tokenizer = AutoTokenizer.from_pretrained(args.classifier)
+    config, train, val_enc, num_labels = low_data_splits(args, tokenizer)
+    classifier, _ = load_text_classifier(args.classifier, num_labels)
     classifier.train()
     optimizer = build_optimizer(classifier, config.lr, config.weight_decay)
     augmenter, aug_tokenizer = load_augmenter(args.augmenter, num_labels)

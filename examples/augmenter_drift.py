@@ -19,6 +19,7 @@ import argparse
 from collections import Counter
 
 import torch
+from transformers import AutoTokenizer
 
 from datamanip.augment_run import encode_subsets
 from datamanip.augmenter import load_augmenter
@@ -60,15 +61,16 @@ def drift(folder: str, train, num_labels: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+", help="augmenter folders")
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The low-data set of the run being examined (SPEC §5 defaults for SST-5)."""
     parser.add_argument("--dataset", default="sst5")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--per-class", type=int, default=40)
     parser.add_argument("--val-per-class", type=int, default=2)
-    args = parser.parse_args()
 
+
+def low_data_splits(args, tokenizer):
+    """``(config, train, val, num_labels)``: the run's training and validation sets, encoded."""
     config = resolve(
         RunConfig(
             command="augment",
@@ -76,12 +78,22 @@ def main() -> None:
             data_dir=args.data_dir,
             per_class=args.per_class,
             val_per_class=args.val_per_class,
-            method="fixed",
+            method="learned",  # the augment settings do not depend on the method
         )
     )
     subsets, num_labels = load_subsets(config)
-    _, tokenizer = load_augmenter(args.folders[0], num_labels)
-    train, _, _, _ = encode_subsets(tokenizer, subsets, config.max_length)
+    train, val, _, _ = encode_subsets(tokenizer, subsets, config.max_length)
+    return config, train, val, num_labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", help="augmenter folders")
+    add_data_arguments(parser)
+    args = parser.parse_args()
+
+    tokenizer = AutoTokenizer.from_pretrained(args.folders[0])
+    _, train, _, num_labels = low_data_splits(args, tokenizer)
     print(
         "| augmenter | p(original token) | entropy (nats) | most likely token, share | "
         "most frequent sample, share |"
@@ -89,10 +101,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for folder in args.folders:
         d = drift(folder, train, num_labels)
-        print(
-            f"| `{folder}` | {d['p_original']:.3f} | {d['entropy']:.2f} | "
-            f"{d['mode']} {100 * d['mode_share']:.0f}% | {d['sample']} {100 * d['sample_share']:.1f}% |"
-        )
+        mode = f"{d['mode']} {100 * d['mode_share']:.0f}%"
+        sample = f"{d['sample']} {100 * d['sample_share']:.1f}%"
+        print(f"| `{folder}` | {d['p_original']:.3f} | {d['entropy']:.2f} | {mode} | {sample} |")
 
 
 if __name__ == "__main__":

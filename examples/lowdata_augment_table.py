@@ -106,9 +106,11 @@ def last_epoch_top_rewrite(samples: Path) -> list | None:
         return None
     records = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
     last = max(r["epoch"] for r in records)
-    tokens = [t for r in records if r["epoch"] == last for t in r["augmented_tokens"]]
-    token = max(set(tokens), key=tokens.count)
-    return [token, tokens.count(token) / len(tokens)]
+    from datamanip.augment_run import top_token  # the count a run logs at each epoch end
+
+    return list(
+        top_token([t for r in records if r["epoch"] == last for t in r["augmented_tokens"]])
+    )
 
 
 def run(cmd: list[str]) -> None:
@@ -135,12 +137,11 @@ def table(results: Path) -> str:
             done = [found[s] for s in sorted(found)]
             accs = [100 * r["test_accuracy"] for r in done]
             std = f"{statistics.stdev(accs):.2f}" if len(accs) > 1 else "– (1 seed)"
-            kept = (
-                f"{100 * statistics.mean(r['label_preservation'] for r in done):.0f}% "
-                f"(originals {100 * statistics.mean(r['train_accuracy_on_originals'] for r in done):.0f}%)"
-                if done[0].get("label_preservation") is not None
-                else "–"
-            )
+            kept = "–"
+            if done[0].get("label_preservation") is not None:
+                rewrites = statistics.mean(r["label_preservation"] for r in done)
+                originals = statistics.mean(r["train_accuracy_on_originals"] for r in done)
+                kept = f"{100 * rewrites:.0f}% (originals {100 * originals:.0f}%)"
             shares = [r["last_epoch_top_rewrite"] for r in done if r.get("last_epoch_top_rewrite")]
             top = ", ".join(f"{t} {100 * share:.0f}%" for t, share in shares) if shares else "–"
             wall = statistics.mean(r["wall_time_s"] for r in done)
