@@ -197,7 +197,8 @@ def test_a_cpu_launch_that_starts_one_process_is_refused(
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "datamanip",
-               *weight_args(tiny_mirror, tiny_model_without_dropout, tmp_path / "run", "--quiet")]  # fmt: skip
+               *weight_args(tiny_mirror, tiny_model_without_dropout, tmp_path / "run",
+                            "--quiet")]  # fmt: skip
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert done.returncode != 0
     assert "error: accelerate launch --cpu --num_processes 2 started one process" in done.stderr
