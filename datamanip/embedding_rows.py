@@ -1,4 +1,4 @@
-"""The word-embedding rows a weighting reward step can see.
+"""The word-embedding rows a reward step can see.
 
 In the weight gradient ∇L_val(θ')ᵀ P ∇ℓ_i (SPEC §3), the word-embedding part is non-zero only on
 rows that the training batch and the validation set both look up: P is zero on rows the batch
@@ -9,6 +9,13 @@ holds θ', P, ∇L_val(θ') and the shifted points of the word embedding on thos
 thousand of the vocabulary's 30,522 on SST-2, where the word embedding is half of MiniLM's
 parameters. The model itself is unchanged: the forwards swap in the compact table and look it up
 with the input ids renumbered into it.
+
+The augmentation fast path (:func:`datamanip.engine.function_reward_gradients`) cannot swap the
+table: its soft tokens read every row (``probs @ E``). But the validation forward at θ' still
+reads only the validation set's rows, so the lookahead is needed on those rows alone, and u is
+zero elsewhere. Its forwards take the table at θ plus an :class:`EmbeddingOffset` on the kept
+rows: zero at θ (its gradient is the table's gradient on those rows) and ±εu at the shifted
+points. The product ``probs @ E`` at θ is then computed once for all three forwards.
 """
 
 from dataclasses import dataclass
@@ -76,3 +83,31 @@ class EmbeddingRows:
         """``batch`` with its input ids renumbered into the compact table."""
         inputs = dict(batch.inputs, input_ids=self.renumber[batch.inputs["input_ids"]])
         return Batch(batch.positions, batch.labels, inputs)
+
+
+@dataclass
+class EmbeddingOffset:
+    """The word embedding E + D, where D is ``delta`` on the kept rows and zero elsewhere.
+
+    A loss that embeds tokens itself (soft tokens) takes it from the engine instead of a
+    whole shifted table: ``lookup`` and ``project`` give what E + D would, touching only the
+    kept rows of D.
+
+    Attributes:
+        rows: the kept rows.
+        delta: [kept, hidden] D on those rows.
+    """
+
+    rows: EmbeddingRows
+    delta: Tensor
+
+    def lookup(self, input_ids: Tensor, table: Tensor) -> Tensor:
+        """[*ids, hidden] rows of E + D for ``input_ids``; ``table`` is E."""
+        slots = self.rows.renumber[input_ids]
+        padded = torch.cat([self.delta, self.delta.new_zeros(1, self.delta.shape[1])])
+        return nn.functional.embedding(input_ids, table) + padded[slots]  # -1: the zero row
+
+    def project(self, probs: Tensor, product: Tensor) -> Tensor:
+        """[..., hidden] ``probs @ (E + D)``, given ``product`` = ``probs @ E``."""
+        kept = probs[..., self.rows.rows].to(self.delta.dtype)
+        return product + (kept @ self.delta).to(product.dtype)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from datamanip import distributed
-from datamanip.embedding_rows import EmbeddingRows
+from datamanip.embedding_rows import EmbeddingOffset, EmbeddingRows
 from datamanip.errors import DatamanipError
 from datamanip.lookahead import lookahead
 from datamanip.manipulations.base import (
@@ -207,6 +207,7 @@ def function_reward_gradients(
     phi: list[Tensor],
     val: list[Batch],
     autocast=None,
+    embeds_tokens: bool = False,
 ) -> tuple[list[Tensor], float]:
     """∂L_val(θ')/∂φ when the manipulation gives its lookahead loss as a function of θ: the
     fast path of augmentation.
@@ -220,36 +221,90 @@ def function_reward_gradients(
     ``tests/test_augment.py``.
 
     Args:
-        loss_at: ``loss_at(params)`` is the manipulated training loss with the model's
-            trainable parameters replaced by ``params`` (None: θ), differentiable in ``phi``.
+        loss_at: ``loss_at(params, offset)`` is the manipulation's training loss with the
+            model's trainable parameters replaced by ``params`` (None: θ), differentiable in
+            ``phi``; ``offset`` is None or an :class:`EmbeddingOffset` to add to the word
+            embedding.
         phi, val, autocast: as for :func:`reward_gradients`.
+        embeds_tokens: the loss embeds its tokens itself from the word embedding and applies
+            ``offset``. The word embedding's lookahead then runs on the rows the validation
+            set reads alone, and the shifted points move them through ``offset``
+            (:mod:`datamanip.embedding_rows`); the result is the same.
     """
     autocast = autocast or nullcontext
+    ahead = function_lookahead(model, optimizer, loss_at, val, autocast, embeds_tokens)
+    names, params, rows, directions = ahead.names, ahead.params, ahead.rows, ahead.directions
+    eps = difference_scale(params, directions)
+    if eps == 0.0:
+        return [torch.zeros_like(p) for p in phi], ahead.val_loss
+    table_index = rows.index if rows is not None else -1
+    difference, offset = 0.0, None
+    for sign in (1.0, -1.0):
+        shifted = {
+            n: p.detach() if k == table_index else p.detach() + (sign * eps) * u
+            for k, (n, p, u) in enumerate(zip(names, params, directions))
+        }
+        if rows is not None:  # the table stays at θ; its kept rows move through the offset
+            offset = EmbeddingOffset(rows, (sign * eps) * directions[rows.index])
+        # No autocast: the two losses differ by about 3e-4 of their size (the shift), below
+        # bf16's resolution (8e-3), so the difference is taken in float32.
+        with restore_rng(ahead.rng), ahead.masks.replay():  # the forward at θ's dropout masks
+            loss = loss_at(shifted | scratch_buffers(model), offset)
+        difference = difference + loss * (sign / (2 * eps))
+        del shifted, loss
+    # One backward for both points: the augmenter's part of the graph is walked once.
+    phi_grads = torch.autograd.grad(difference, phi, allow_unused=True, materialize_grads=True)
+    return distributed.sum_(phi_grads), ahead.val_loss  # φ (the augmenter) is shared
+
+
+@dataclass
+class FunctionLookahead:
+    """What :func:`function_lookahead` leaves for the difference at θ ± εu: the trainable
+    parameters, the rows of the word embedding kept (None: all), the random state and dropout
+    masks of the forward at θ, L_val(θ') and u."""
+
+    names: list[str]
+    params: list[Tensor]
+    rows: EmbeddingRows | None
+    rng: dict
+    masks: DropoutMasks
+    val_loss: float
+    directions: list[Tensor]
+
+
+def function_lookahead(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_at,
+    val: list[Batch],
+    autocast,
+    embeds_tokens: bool = False,
+) -> FunctionLookahead:
+    """The lookahead of :func:`function_reward_gradients`: the manipulation's loss at θ, its
+    gradient, θ' and the direction u (arguments as there)."""
     names, params = trainable(model)
+    rows = EmbeddingRows.of(model, params, val) if embeds_tokens else None
+    at_theta = dict(zip(names, params)) | scratch_buffers(model)  # buffers: see scratch_buffers
+    offset = wrt = None
+    if rows is not None:  # the table's gradient, on the kept rows, is the offset's at zero
+        table = params[rows.index]
+        delta = table.new_zeros(len(rows.rows), table.shape[1], requires_grad=True)
+        offset = EmbeddingOffset(rows, delta)
+        at_theta[names[rows.index]] = table.detach()
+        wrt = params[: rows.index] + [delta] + params[rows.index + 1 :]
+        val = [rows.batch(b) for b in val]
     rng, masks = capture_rng(), DropoutMasks()
     with restore_rng(rng), autocast(), masks:
-        # θ itself, with copies of the buffers: see scratch_buffers.
-        loss = loss_at(dict(zip(names, params)) | scratch_buffers(model))
-    grads = list(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
+        loss = loss_at(at_theta, offset)
+    grads = list(
+        torch.autograd.grad(loss, wrt or params, allow_unused=True, materialize_grads=True)
+    )
     del loss
     distributed.sum_(grads)
     val_loss, directions = lookahead_direction(
-        model, optimizer, names, params, grads, val, autocast
+        model, optimizer, names, params, grads, val, autocast, rows
     )
-    eps = difference_scale(params, directions)
-    if eps == 0.0:
-        return [torch.zeros_like(p) for p in phi], val_loss
-    difference = 0.0
-    for sign in (1.0, -1.0):
-        shifted = {n: p.detach() + (sign * eps) * u for n, p, u in zip(names, params, directions)}
-        # No autocast: the two losses differ by about 3e-4 of their size (the shift), below
-        # bf16's resolution (8e-3), so the difference is taken in float32.
-        with restore_rng(rng), masks.replay():  # the dropout masks of the forward at θ
-            difference = difference + loss_at(shifted | scratch_buffers(model)) * (sign / (2 * eps))
-        del shifted
-    # One backward for both points: the augmenter's part of the graph is walked once.
-    phi_grads = torch.autograd.grad(difference, phi, allow_unused=True, materialize_grads=True)
-    return distributed.sum_(phi_grads), val_loss  # φ (the augmenter) is shared
+    return FunctionLookahead(names, params, rows, rng, masks, val_loss, directions)
 
 
 def lookahead_direction(
@@ -629,7 +684,13 @@ def take_step(
     elif reward and function_path:
         loss_at, phi = manipulation.lookahead_function(step)
         phi_grads, reward_loss = function_reward_gradients(
-            model, optimizer, loss_at, phi, val_batches, accelerator.autocast
+            model,
+            optimizer,
+            loss_at,
+            phi,
+            val_batches,
+            accelerator.autocast,
+            getattr(manipulation, "embeds_tokens", False),
         )
         manipulation.reward_step(step, phi_grads)
     elif reward:

@@ -20,6 +20,7 @@ from datamanip.augmenter import (
     resize_segment_table,
 )
 from datamanip.cli import app
+from datamanip.embedding_rows import EmbeddingOffset, EmbeddingRows
 from datamanip.engine import (
     function_reward_gradients,
     reward_gradients,
@@ -249,12 +250,15 @@ def test_augmenter_reward_gradient_matches_finite_differences_of_the_real_lookah
     assert analytic == pytest.approx(numeric, rel=1e-4)
 
 
+@pytest.mark.parametrize("embeds_tokens", [True, False], ids=["offset", "whole_table"])
 @pytest.mark.parametrize("optimizer_kind", ["sgd", "adamw"])
-def test_fast_path_matches_the_exact_double_backward(optimizer_kind):
+def test_fast_path_matches_the_exact_double_backward(optimizer_kind, embeds_tokens):
     classifier, optimizer, augmentation, step, val = _step_and_augmentation(optimizer_kind)
     state = augmentation.generator.get_state()
     loss_at, phi = augmentation.lookahead_function(step)
-    fast, fast_val = function_reward_gradients(classifier, optimizer, loss_at, phi, val)
+    fast, fast_val = function_reward_gradients(
+        classifier, optimizer, loss_at, phi, val, embeds_tokens=embeds_tokens
+    )
     augmentation.generator.set_state(state)
     loss, phi = augmentation.lookahead_loss(step)
     exact, exact_val = reward_gradients(classifier, optimizer, loss, phi, val)
@@ -264,6 +268,47 @@ def test_fast_path_matches_the_exact_double_backward(optimizer_kind):
     scale = exact_flat.abs().max()
     assert scale > 0
     assert (fast_flat - exact_flat).abs().max() / scale < 1e-6
+
+
+@pytest.mark.parametrize("optimizer_kind", ["sgd", "adamw"])
+def test_embedding_offset_gives_the_whole_table_result(optimizer_kind):
+    """With ``embeds_tokens`` the word embedding's lookahead runs on the rows the validation set
+    reads, and the shifted points move them through an offset; the reward gradient must be
+    the whole table's (float64; the two differ only in the order of sums)."""
+    classifier, optimizer, augmentation, step, val = _step_and_augmentation(optimizer_kind)
+    val[0].inputs["input_ids"][:, 5] = 7  # fewer distinct ids: a strict subset of the rows
+    rows = EmbeddingRows.of(classifier, trainable(classifier)[1], val)
+    assert rows is not None and len(rows.rows) < 100
+    state = augmentation.generator.get_state()
+    results = {}
+    for embeds_tokens in (True, False):
+        augmentation.generator.set_state(state)
+        loss_at, phi = augmentation.lookahead_function(step)
+        results[embeds_tokens] = function_reward_gradients(
+            classifier, optimizer, loss_at, phi, val, embeds_tokens=embeds_tokens
+        )
+    assert results[True][1] == pytest.approx(results[False][1], rel=1e-12)
+    offset = torch.cat([g.flatten() for g in results[True][0]])
+    whole = torch.cat([g.flatten() for g in results[False][0]])
+    assert whole.abs().max() > 0
+    assert (offset - whole).abs().max() / whole.abs().max() < 1e-8
+
+
+def test_embedding_offset_lookup_and_project_equal_the_moved_table():
+    """E + D with D on the kept rows: ``lookup`` and ``project`` against the table built whole."""
+    generator = torch.Generator().manual_seed(0)
+    classifier = tiny_classifier(2, seed=0).double()
+    batch = tiny_batch(seed=4)
+    rows = EmbeddingRows.of(classifier, trainable(classifier)[1], [batch])
+    E = classifier.get_input_embeddings().weight.detach()
+    delta = torch.randn(len(rows.rows), E.shape[1], generator=generator, dtype=E.dtype)
+    moved = E.clone()
+    moved[rows.rows] += delta
+    offset = EmbeddingOffset(rows, delta)
+    ids = torch.randint(0, 100, (3, 9), generator=generator)  # kept rows and others
+    torch.testing.assert_close(offset.lookup(ids, E), moved[ids], rtol=0, atol=1e-14)
+    probs = torch.softmax(torch.randn(2, 5, 100, generator=generator, dtype=E.dtype), -1)
+    torch.testing.assert_close(offset.project(probs, probs @ E), probs @ moved, rtol=1e-12, atol=0)
 
 
 def test_learned_reward_step_moves_the_augmenter_and_fixed_never_does():

@@ -24,6 +24,7 @@ from torch.func import functional_call
 
 from datamanip import distributed
 from datamanip.augmenter import content_mask, label_segments, masked_lm_logits
+from datamanip.embedding_rows import EmbeddingOffset
 from datamanip.manipulations.base import (
     AugmentationState,
     Batch,
@@ -74,13 +75,26 @@ def input_embedding_name(model: nn.Module) -> str:
     raise ValueError("the classifier's input embeddings are not among its parameters")
 
 
-def soft_embeddings(input_ids: Tensor, rows: Tensor, cols: Tensor, probs: Tensor, E: Tensor):
+def soft_embeddings(
+    input_ids: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    probs: Tensor,
+    E: Tensor,
+    offset: EmbeddingOffset | None = None,
+    product: Tensor | None = None,
+):
     """[K·batch, seq, hidden] word embeddings of K copies of the batch, where the masked
-    positions (rows, cols) of copy k carry the soft token ``probs[k] @ E``; one-hot elsewhere."""
+    positions (rows, cols) of copy k carry the soft token ``probs[k] @ E``; one-hot elsewhere.
+    With ``offset`` the table is E + offset, and ``product`` is ``probs @ E``, computed once."""
     samples = probs.shape[0]
-    hard = nn.functional.embedding(input_ids, E)  # [batch, seq, hidden]
+    if offset is None:
+        hard = nn.functional.embedding(input_ids, E)  # [batch, seq, hidden]
+        soft = probs.to(E.dtype) @ E  # [K, masked, hidden]
+    else:
+        hard, soft = offset.lookup(input_ids, E), offset.project(probs, product)
     out = hard.unsqueeze(0).repeat(samples, 1, 1, 1)  # [K, batch, seq, hidden]
-    out[:, rows, cols] = (probs.to(E.dtype) @ E).to(out.dtype)  # [K, masked, hidden]
+    out[:, rows, cols] = soft.to(out.dtype)
     return out.flatten(0, 1)
 
 
@@ -117,6 +131,10 @@ class TextAugmentation(AugmentationState):
         self.mlm_anchor = mlm_anchor
         self._anchor_grads: list[Tensor] | None = None
 
+    # The lookahead loss embeds its tokens itself (inputs_embeds) and applies the engine's
+    # offset of the word embedding (function_reward_gradients).
+    embeds_tokens = True
+
     # --- sampling ------------------------------------------------------------------------
 
     def masked_logits(self, batch: Batch, generator: torch.Generator):
@@ -136,14 +154,19 @@ class TextAugmentation(AugmentationState):
         )
         return rows, cols, logits
 
-    def classifier_loss(self, step: Step, rows, cols, probs, params=None) -> Tensor:
-        """Mean cross-entropy of the classifier on the soft samples, at θ or at ``params``."""
+    def classifier_loss(
+        self, step: Step, rows, cols, probs, params=None, offset=None, product=None
+    ) -> Tensor:
+        """Mean cross-entropy of the classifier on the soft samples, at θ or at ``params``, with
+        the word embedding moved by ``offset`` (``product``: ``probs @ E``, see
+        :func:`soft_embeddings`)."""
         model, batch = step.model, step.batch
         samples = probs.shape[0]
         name = input_embedding_name(model)
         E = model.get_input_embeddings().weight if params is None else params[name]
+        ids = batch.inputs["input_ids"]
         kwargs = {
-            "inputs_embeds": soft_embeddings(batch.inputs["input_ids"], rows, cols, probs, E),
+            "inputs_embeds": soft_embeddings(ids, rows, cols, probs, E, offset, product),
             "attention_mask": batch.inputs["attention_mask"].repeat(samples, 1),
         }
         if params is None:
@@ -168,9 +191,17 @@ class TextAugmentation(AugmentationState):
         rows, cols, logits = self.masked_logits(step.batch, self.generator)
         self.anchor(step, rows, cols, logits)
         probs = gumbel_softmax(logits, self.tau, self.num_samples, self.generator)
+        product = None
 
-        def loss_at(params: dict[str, Tensor] | None = None) -> Tensor:
-            return self.classifier_loss(step, rows, cols, probs, params)
+        def loss_at(params: dict[str, Tensor] | None = None, offset=None) -> Tensor:
+            nonlocal product
+            if offset is not None and product is None:
+                # probs @ E at θ, once for the three forwards that move E by an offset; in
+                # full precision, as the forwards at θ ± εu take their difference in it.
+                E = step.model.get_input_embeddings().weight.detach()
+                with torch.autocast(E.device.type, enabled=False):
+                    product = probs.to(E.dtype) @ E  # [K, masked, hidden]
+            return self.classifier_loss(step, rows, cols, probs, params, offset, product)
 
         return loss_at, self.phi
 
