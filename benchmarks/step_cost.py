@@ -12,7 +12,10 @@ follows the live tensors.
     python benchmarks/step_cost.py --steps 12
 
 The augmentation rows use their own setup (SPEC §5 low-data: batch 8, validation 10, length
-48), the classifier and a MiniLM-shaped augmenter, each against a plain step on that batch.
+48), the classifier and a MiniLM-shaped augmenter, each against a plain step on that batch:
+the learned step at K = 4 and K = 1, the exact double backward, the first-order path with the
+whole word embedding shifted (before ``EmbeddingOffset``), and the step without its reward
+gradient (the floor of any implementation).
 
 The image rows use ResNet-18 (random initialisation) with SGD and momentum, batch 20, validation
 20, 32×32 images (SPEC §5 CIFAR imbalanced), each against a plain step on that batch. The image
@@ -194,6 +197,10 @@ class AugmentSetup:
             ),
         }
         self.manipulations["augment_exact"] = ExactPath(self.manipulations["augment"])
+        # The same first-order path with the whole word embedding shifted, as before the offset
+        whole = TextAugmentation(augmenter, special, tokenizer.mask_token_id)
+        whole.embeds_tokens = False
+        self.manipulations["augment_whole"] = whole
 
     def step(self, variant: str) -> None:
         from datamanip.engine import take_step
@@ -350,7 +357,14 @@ def main() -> None:
         print(f"{labels[v]:<34}{t:>9.3f}{t / plain:>9.2f}{mem_text}")
     augment = {}
     if not args.no_augment:
-        augment_variants = ["plain8", "augment", "augment_k1", "augment_exact", "augment_floor"]
+        augment_variants = [
+            "plain8",
+            "augment",
+            "augment_k1",
+            "augment_exact",
+            "augment_whole",
+            "augment_floor",
+        ]
         augment = time_variants(args.steps, augment_variants, AugmentSetup())
         plain8 = statistics.median(augment["plain8"])
         print(f"augmentation: batch {AUGMENT_BATCH}, validation {AUGMENT_VAL}, length {LENGTH}")
@@ -359,6 +373,7 @@ def main() -> None:
             "augment": "learned augmentation, K=4",
             "augment_k1": "learned augmentation, K=1",
             "augment_exact": "  K=4, exact double backward",
+            "augment_whole": "  K=4, whole embedding shifted",
             "augment_floor": "  K=4, before the reward gradient",
         }
         for v in augment_variants:
