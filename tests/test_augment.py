@@ -294,6 +294,34 @@ def test_embedding_offset_gives_the_whole_table_result(optimizer_kind):
     assert (offset - whole).abs().max() / whole.abs().max() < 1e-8
 
 
+def test_bf16_autocast_keeps_the_reward_gradient_direction():
+    """Under ``--mixed-precision bf16`` the forward at θ (with the offset's gradient) runs in
+    bf16 and the shifted points in float32: the augmenter's reward gradient keeps the float32
+    direction to within bf16's rounding."""
+    classifier, optimizer, augmentation, step, val = _step_and_augmentation("adamw")
+    classifier.float()
+    augmentation.augmenter.float()
+    for state in optimizer.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = state[key].float()
+    generator = augmentation.generator.get_state()
+    grads = {}
+    for name, autocast in (("float32", nullcontext), ("bf16", _bf16)):
+        augmentation.generator.set_state(generator)
+        loss_at, phi = augmentation.lookahead_function(step)
+        found, _ = function_reward_gradients(
+            classifier, optimizer, loss_at, phi, val, autocast, embeds_tokens=True
+        )
+        grads[name] = torch.cat([g.flatten() for g in found])
+    assert grads["bf16"].dtype == torch.float32 and grads["float32"].abs().max() > 0
+    cosine = nn.functional.cosine_similarity(grads["bf16"], grads["float32"], dim=0)
+    assert cosine > 0.99
+
+
+def _bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
 def test_embedding_offset_lookup_and_project_equal_the_moved_table():
     """E + D with D on the kept rows: ``lookup`` and ``project`` against the table built whole."""
     generator = torch.Generator().manual_seed(0)
