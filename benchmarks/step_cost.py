@@ -24,8 +24,8 @@ augmenter's rows: ``fixed`` (the θ step on the batch and one augmented copy, no
 
 The last lines are ``weighting_step_ratio=R``, ``weighting_memory_ratio=M``,
 ``augment_floor_ratio=F`` (the learned augmentation step before its reward gradient: what no
-implementation of SPEC §4 at K = 4 can go below), ``augment_step_ratio=R``, ``image_weighting_step_ratio=R`` and ``image_augment_step_ratio=R``
-(K = 4).
+implementation of SPEC §4 at K = 4 can go below), ``augment_step_ratio=R``,
+``image_weighting_step_ratio=R`` and ``image_augment_step_ratio=R`` (K = 4).
 """
 
 import argparse

@@ -249,7 +249,7 @@ def function_reward_gradients(
         # No autocast: the two losses differ by about 3e-4 of their size (the shift), below
         # bf16's resolution (8e-3), so the difference is taken in float32.
         with restore_rng(ahead.rng), ahead.masks.replay():  # the forward at θ's dropout masks
-            loss = loss_at(shifted | scratch_buffers(model), offset)
+            loss = _loss_at(loss_at, shifted | scratch_buffers(model), offset)
         difference = difference + loss * (sign / (2 * eps))
         del shifted, loss
     # One backward for both points: the augmenter's part of the graph is walked once.
@@ -295,7 +295,7 @@ def function_lookahead(
         val = [rows.batch(b) for b in val]
     rng, masks = capture_rng(), DropoutMasks()
     with restore_rng(rng), autocast(), masks:
-        loss = loss_at(at_theta, offset)
+        loss = _loss_at(loss_at, at_theta, offset)
     grads = list(
         torch.autograd.grad(loss, wrt or params, allow_unused=True, materialize_grads=True)
     )
@@ -305,6 +305,12 @@ def function_lookahead(
         model, optimizer, names, params, grads, val, autocast, rows
     )
     return FunctionLookahead(names, params, rows, rng, masks, val_loss, directions)
+
+
+def _loss_at(loss_at, params: dict[str, Tensor], offset: EmbeddingOffset | None) -> Tensor:
+    """``loss_at(params)``, with the offset only where there is one: a manipulation without
+    ``embeds_tokens`` may define ``loss_at(params)`` alone, as the protocol first had it."""
+    return loss_at(params) if offset is None else loss_at(params, offset)
 
 
 def lookahead_direction(

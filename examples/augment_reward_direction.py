@@ -41,7 +41,7 @@ def reward_by_position(augmentation, classifier, optimizer, batch, val):
     probs = gumbel_softmax(logits, augmentation.tau, augmentation.num_samples)
     probs.requires_grad_(True)  # the soft tokens are φ here
 
-    def loss_at(params=None, offset=None):  # called without an offset: the whole table moves
+    def loss_at(params=None):
         return augmentation.classifier_loss(step, rows, cols, probs, params)
 
     (grad,), _ = function_reward_gradients(classifier, optimizer, loss_at, [probs], val)

@@ -12,11 +12,12 @@ manipulation is active and uses the reward:
    manipulation whose loss is a function of the model's parameters (augmentation) may define
    ``lookahead_function(step)`` returning ``(loss_at, φ)``, ``loss_at(params, offset)`` being
    that loss with the trainable parameters replaced by ``params`` (None: θ); the engine then
-   takes a first-order path (:func:`datamanip.engine.function_reward_gradients`). ``offset``
-   is always None unless the manipulation sets ``embeds_tokens = True``, saying that its loss
-   builds the classifier's input embeddings itself; it must then add ``offset`` (an
+   takes a first-order path (:func:`datamanip.engine.function_reward_gradients`). The engine
+   passes ``offset`` only to a manipulation that sets ``embeds_tokens = True``, saying that its
+   loss builds the classifier's input embeddings itself; it must then add ``offset`` (an
    :class:`datamanip.embedding_rows.EmbeddingOffset`) to the word embedding, and the engine
-   looks ahead on the word embedding's validation rows alone.
+   looks ahead on the word embedding's validation rows alone. Other manipulations may define
+   ``loss_at(params)`` alone.
 2. The engine takes the lookahead θ' on that loss, scores it on the validation set and hands back
    ∂L_val(θ')/∂φ to ``reward_step(step, grads)``, which updates φ.
 3. ``train_loss(step)`` returns the loss for the real optimiser step, with the updated φ.

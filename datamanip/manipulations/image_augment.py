@@ -83,8 +83,8 @@ class ImageAugmentation(AugmentationState):
         differentiable in the magnitudes and probabilities, and those parameters."""
         pixels = self.augment(step.batch, self.num_samples)
 
-        def loss_at(params: dict[str, Tensor] | None = None, offset=None) -> Tensor:
-            return self.classifier_loss(step, pixels, params)  # no word embedding to offset
+        def loss_at(params: dict[str, Tensor] | None = None) -> Tensor:
+            return self.classifier_loss(step, pixels, params)
 
         return loss_at, self.phi
 
