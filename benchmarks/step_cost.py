@@ -385,10 +385,8 @@ def main() -> None:
     print(f"weighting_step_ratio={statistics.median(times['weighting']) / plain:.2f}")
     print(f"weighting_memory_ratio={memory['weighting'] / memory['plain']:.2f}")
     if augment:
-        ratio = statistics.median(augment["augment"]) / statistics.median(augment["plain8"])
-        floor = statistics.median(augment["augment_floor"]) / statistics.median(augment["plain8"])
-        print(f"augment_floor_ratio={floor:.2f}")
-        print(f"augment_step_ratio={ratio:.2f}")
+        print(f"augment_floor_ratio={statistics.median(augment['augment_floor']) / plain8:.2f}")
+        print(f"augment_step_ratio={statistics.median(augment['augment']) / plain8:.2f}")
     for name, ratio in image_ratios.items():
         print(f"{name}={ratio:.2f}")
 

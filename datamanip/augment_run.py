@@ -282,7 +282,8 @@ def run_one_augmentation(
     results = run_results(config, subsets, num_labels, test_preds, result, started, rundir)
     results |= {"command": "augment", "truncated": truncated}
     if augmentation is not None:
-        results |= label_preservation(augmentation, inner, train_enc, accelerator.device, tokenizer)
+        device = accelerator.device
+        results |= label_preservation(augmentation, inner, train_enc, device, tokenizer)
         results["augmenter"] = config.augmenter
         warn_if_collapsed(results)
     rundir.write_json("results.json", results)

@@ -328,8 +328,8 @@ def lookahead_direction(
     θ' and P come from :func:`lookahead` on the batch gradient ``grads`` (whose buffers then
     hold P; the list is emptied, so no gradient outlives this), ∇L_val(θ') from
     :func:`validation_gradient`; u is written in place of the validation gradient, so θ', P
-    and u are never all held at once. With
-    ``rows``, the word embedding's entries of ``grads`` and of the result hold its kept rows.
+    and u are never all held at once. With ``rows``, the word embedding's entries of ``grads``
+    and of the result hold its kept rows.
     """
     new_params, precond = lookahead(
         optimizer,

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from datamanip.manipulations.base import Batch
+from datamanip.models import quiet_transformers
 
 
 @dataclass
@@ -45,8 +46,6 @@ class EncodedSplit:
 
 def encode(tokenizer, texts: list[str], labels: np.ndarray, max_length: int) -> EncodedSplit:
     """Tokenises ``texts`` once; examples longer than ``max_length`` tokens are cut and counted."""
-    from datamanip.models import quiet_transformers
-
     # Untruncated on purpose, to count the cut examples: the tokenizer's warning about
     # sequences over the model's maximum would only repeat, unasked, what the count reports.
     with quiet_transformers():

@@ -109,7 +109,8 @@ class TextAugmentation(AugmentationState):
         tau: Gumbel-softmax temperature (1 in the paper).
         lr: Adam learning rate of the augmenter in the φ step.
         seed: fixes mask positions and Gumbel noise.
-        mlm_anchor: λ, the coefficient of the augmenter's MLM loss beside the reward in the φ step.
+        mlm_anchor: λ, the coefficient of the augmenter's MLM loss beside the reward in the φ
+            step.
     """
 
     def __init__(
